@@ -1,0 +1,37 @@
+//! The dcrf demo server as a library, so tests can run it in-process.
+//!
+//! Endpoints:
+//! - `/ws/echo/`: `echo` (returns every field but `action` and `request_id`) and `whoami`
+//!   (the user, or null).
+
+use dcrf::auth::JwtAuth;
+use dcrf::prelude::*;
+
+pub mod echo;
+
+/// The JWT secret the demo uses when none is given (`--jwt-secret`): fine for a demo, never
+/// for production.
+pub const DEFAULT_JWT_SECRET: &str = "dcrf-demo-insecure-secret";
+
+/// How the demo is set up.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Shared secret for HS256 JWTs (`Authorization: Bearer` or `?token=`).
+    pub jwt_secret: String,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            jwt_secret: DEFAULT_JWT_SECRET.to_owned(),
+        }
+    }
+}
+
+/// Builds the demo's router and application settings.
+pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Error> {
+    let auth = JwtAuth::hs256(config.jwt_secret.as_bytes())?;
+    let app = Dcrf::new().authenticator(auth);
+    let router = axum::Router::new().route("/ws/echo/", app.consumer(echo::Echo::default));
+    Ok((router, app))
+}

@@ -1,0 +1,61 @@
+//! `dcrf-demo`: the dcrf showcase server.
+//!
+//! ```text
+//! dcrf-demo --bind 127.0.0.1:8000
+//! ```
+
+use clap::Parser;
+use dcrf_demo::{DEFAULT_JWT_SECRET, DemoConfig};
+
+/// The dcrf demo server: DCRF's JSON protocol over WebSockets.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    bind: String,
+    /// Shared secret for HS256 JWTs sent as `Authorization: Bearer` or `?token=`.
+    #[arg(long, env = "DCRF_DEMO_JWT_SECRET", default_value = DEFAULT_JWT_SECRET)]
+    jwt_secret: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let config = DemoConfig {
+        jwt_secret: args.jwt_secret,
+    };
+    let (router, app) = dcrf_demo::build(&config).await?;
+    let listener = tokio::net::TcpListener::bind(&args.bind).await?;
+    let addr = listener.local_addr()?;
+    println!("dcrf-demo listening on {addr}");
+    dcrf::serve(listener, router, &app, shutdown_signal()).await?;
+    println!("dcrf-demo stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

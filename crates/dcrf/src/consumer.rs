@@ -1,0 +1,435 @@
+//! Consumers and actions: the [`Consumer`] hooks, the [`ActionTable`] the
+//! [`#[dcrf::consumer]`](macro@crate::consumer) attribute writes for you, the per-connection
+//! [`Ctx`], and what actions return ([`Reply`], [`ApiError`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::ws::{CloseFrame, Utf8Bytes};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::ApiError;
+use crate::permission::Permissions;
+use crate::protocol::{Envelope, Frame, encode_error};
+use crate::scope::{Scope, User};
+
+/// A WebSocket consumer: one value per connection, holding whatever state that connection keeps.
+///
+/// Its actions are `async fn`s in an `impl` block marked [`#[dcrf::consumer]`](macro@crate::consumer);
+/// this trait holds the hooks, all optional:
+///
+/// ```
+/// use dcrf::prelude::*;
+///
+/// #[derive(Default)]
+/// struct Counter { hits: u64 }
+///
+/// #[dcrf::consumer]
+/// impl Counter {
+///     /// `{"action": "hit", "request_id": 1}` → `{"data": 1, ...}`
+///     #[action]
+///     async fn hit(&mut self) -> Result<Reply<u64>, ApiError> {
+///         self.hits += 1;
+///         Ok(Reply::ok(self.hits))
+///     }
+/// }
+///
+/// impl Consumer for Counter {
+///     fn permissions(&self) -> Option<Permissions> {
+///         Some(Permissions::new(IsAuthenticated))
+///     }
+/// }
+/// ```
+pub trait Consumer: ActionTable {
+    /// This consumer's permissions; `None` (the default) uses the application's defaults
+    /// ([`Dcrf::default_permissions`](crate::Dcrf::default_permissions)).
+    fn permissions(&self) -> Option<Permissions> {
+        None
+    }
+
+    /// Runs at the handshake, after authentication and `can_connect`, before the socket is
+    /// accepted. An error refuses the handshake with its status. Frames sent here are delivered
+    /// first thing after the upgrade.
+    fn connect(&mut self, ctx: &Ctx) -> impl Future<Output = Result<(), ApiError>> + Send {
+        let _ = ctx;
+        async { Ok(()) }
+    }
+
+    /// Runs once when the connection ends (client close, error or server shutdown), after
+    /// detached tasks were cancelled.
+    fn disconnect(&mut self, ctx: &Ctx) -> impl Future<Output = ()> + Send {
+        let _ = ctx;
+        async {}
+    }
+}
+
+/// Was an action found for a frame?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dispatched {
+    /// The action ran (its reply, if any, is sent or on its way).
+    Handled,
+    /// No action has that name: the caller answers 405.
+    Unknown,
+}
+
+/// A consumer's actions by name. Written by [`#[dcrf::consumer]`](macro@crate::consumer); the
+/// generated `dispatch` is one `match` over the action names.
+pub trait ActionTable: Send + Sized + 'static {
+    /// Runs the action named `action`: deserializes its arguments from `frame`, calls it, and
+    /// sends its reply through `ctx`.
+    fn dispatch<'a>(
+        &'a mut self,
+        ctx: &'a Ctx,
+        action: &'a str,
+        frame: &'a Frame<'a>,
+    ) -> impl Future<Output = Dispatched> + Send + 'a;
+}
+
+/// A successful action's answer: `data` and a `response_status`.
+///
+/// ```
+/// use dcrf::Reply;
+/// let r = Reply::created(serde_json::json!({"id": 1}));
+/// assert_eq!(r.status(), 201);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply<T> {
+    data: T,
+    status: u16,
+}
+
+impl<T> Reply<T> {
+    /// 200 with data.
+    pub fn ok(data: T) -> Self {
+        Reply { data, status: 200 }
+    }
+    /// 201 with data.
+    pub fn created(data: T) -> Self {
+        Reply { data, status: 201 }
+    }
+    /// Any status with data.
+    pub fn with_status(data: T, status: u16) -> Self {
+        Reply { data, status }
+    }
+    /// The status.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+    /// The data.
+    pub fn data(&self) -> &T {
+        &self.data
+    }
+    /// Takes the data out.
+    pub fn into_data(self) -> T {
+        self.data
+    }
+}
+
+impl Reply<()> {
+    /// 204 with `data: null` (DCRF's delete).
+    pub fn no_content() -> Self {
+        Reply {
+            data: (),
+            status: 204,
+        }
+    }
+}
+
+/// What an action may return: `Result<Reply<T>, E>` sends a reply; `Result<(), E>` sends
+/// nothing on success (DCRF's "non-tuple result"); `E` is anything that converts into
+/// [`ApiError`].
+pub trait IntoActionResult {
+    /// The data type of the reply.
+    type Data: Serialize;
+    /// Converts into the framework's form.
+    fn into_action_result(self) -> Result<Option<Reply<Self::Data>>, ApiError>;
+}
+
+impl<T: Serialize, E: Into<ApiError>> IntoActionResult for Result<Reply<T>, E> {
+    type Data = T;
+    fn into_action_result(self) -> Result<Option<Reply<T>>, ApiError> {
+        self.map(Some).map_err(Into::into)
+    }
+}
+
+impl<E: Into<ApiError>> IntoActionResult for Result<(), E> {
+    type Data = ();
+    fn into_action_result(self) -> Result<Option<Reply<()>>, ApiError> {
+        self.map(|()| None).map_err(Into::into)
+    }
+}
+
+/// What a connection's writer task receives.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    Text(Utf8Bytes),
+    Close(CloseFrame),
+}
+
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The per-connection context every action gets: the [`Scope`], a way to send frames, and
+/// the connection's task set (for detached work, cancelled when the socket closes).
+///
+/// Cheap to clone; detached actions own a clone.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    inner: Arc<CtxInner>,
+}
+
+#[derive(Debug)]
+struct CtxInner {
+    id: u64,
+    scope: Scope,
+    out: mpsc::Sender<Outbound>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+    extensions: std::sync::Mutex<axum::http::Extensions>,
+}
+
+/// The connection is gone; nothing more can be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the connection is closed")]
+pub struct Closed;
+
+impl Ctx {
+    pub(crate) fn new(scope: Scope, out: mpsc::Sender<Outbound>) -> Self {
+        Ctx {
+            inner: Arc::new(CtxInner {
+                id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
+                scope,
+                out,
+                tasks: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+                extensions: Default::default(),
+            }),
+        }
+    }
+
+    /// A process-unique number for this connection (for logs and channel-layer names).
+    pub fn connection_id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The connection's scope.
+    pub fn scope(&self) -> &Scope {
+        &self.inner.scope
+    }
+
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<&User> {
+        self.inner.scope.user.as_ref()
+    }
+
+    /// Stores a per-connection value, shared with detached actions (which own a `Ctx` clone
+    /// and cannot borrow the consumer). Set it in [`Consumer::connect`].
+    pub fn insert_extension<T: Clone + Send + Sync + 'static>(&self, value: T) {
+        if let Ok(mut ext) = self.inner.extensions.lock() {
+            ext.insert(value);
+        }
+    }
+
+    /// A clone of a value stored with [`Ctx::insert_extension`].
+    pub fn extension<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
+        self.inner
+            .extensions
+            .lock()
+            .ok()
+            .and_then(|ext| ext.get::<T>().cloned())
+    }
+
+    /// Sends a text frame as is. Waits while the outbound queue is full.
+    pub async fn send_text(&self, text: impl Into<Utf8Bytes>) -> Result<(), Closed> {
+        self.inner
+            .out
+            .send(Outbound::Text(text.into()))
+            .await
+            .map_err(|_| Closed)
+    }
+
+    /// Serializes a value and sends it as one frame (DCRF's `send_json`).
+    pub async fn send_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Closed> {
+        match serde_json::to_string(value) {
+            Ok(text) => self.send_text(text).await,
+            Err(e) => {
+                tracing::error!(connection = self.inner.id, error = %e, "cannot serialize frame");
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a reply envelope for `action` with `request_id` (DCRF's `reply`).
+    pub async fn reply<T: Serialize + ?Sized>(
+        &self,
+        action: &str,
+        request_id: Option<&RawValue>,
+        data: &T,
+        status: u16,
+    ) -> Result<(), Closed> {
+        let text = self.encode_reply(action, request_id, data, status);
+        self.send_text(text).await
+    }
+
+    /// Encodes a reply envelope; a serialization failure becomes a logged 500 envelope.
+    fn encode_reply<T: Serialize + ?Sized>(
+        &self,
+        action: &str,
+        request_id: Option<&RawValue>,
+        data: &T,
+        status: u16,
+    ) -> String {
+        let env = Envelope {
+            errors: &[],
+            data,
+            action: Some(action),
+            response_status: status,
+            request_id,
+        };
+        match env.to_json() {
+            Ok(text) => text,
+            Err(e) => self.encode_error(&ApiError::internal(e), Some(action), request_id),
+        }
+    }
+
+    /// Encodes an error envelope; server faults are logged with the action and request id.
+    fn encode_error(
+        &self,
+        err: &ApiError,
+        action: Option<&str>,
+        request_id: Option<&RawValue>,
+    ) -> String {
+        if err.is_server_error() {
+            tracing::error!(
+                connection = self.inner.id,
+                action = action.unwrap_or("<none>"),
+                request_id = request_id.map(|r| r.get()).unwrap_or("null"),
+                error = %err,
+                "server error while handling a request"
+            );
+        }
+        encode_error(err, action, request_id)
+    }
+
+    /// Sends an error envelope; server faults are logged with the action and request id.
+    pub async fn send_error(
+        &self,
+        err: &ApiError,
+        action: Option<&str>,
+        request_id: Option<&RawValue>,
+    ) -> Result<(), Closed> {
+        let text = self.encode_error(err, action, request_id);
+        self.send_text(text).await
+    }
+
+    /// Sends what an action returned: its reply, its error, or nothing.
+    pub async fn finish<R: IntoActionResult>(
+        &self,
+        action: &str,
+        request_id: Option<&RawValue>,
+        result: R,
+    ) {
+        let text = match result.into_action_result() {
+            Ok(Some(reply)) => self.encode_reply(action, request_id, &reply.data, reply.status),
+            Ok(None) => return,
+            Err(err) => self.encode_error(&err, Some(action), request_id),
+        };
+        let _ = self.send_text(text).await;
+    }
+
+    /// Runs a future concurrently with the connection's other work (DCRF's `@detached`).
+    /// It is cancelled when the connection closes.
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.inner.cancel.clone();
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {}
+                _ = fut => {}
+            }
+        });
+    }
+
+    /// Runs a detached action: the future runs concurrently, and its result is sent as a reply
+    /// with the given action and request id when it finishes. Cancelled on disconnect.
+    pub fn spawn_action<F>(&self, action: &str, request_id: Option<&RawValue>, fut: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: IntoActionResult + Send,
+    {
+        let ctx = self.clone();
+        let action = action.to_owned();
+        let request_id: Option<Box<RawValue>> = request_id.map(|r| r.to_owned());
+        self.spawn(async move {
+            let result = catch_panic(fut).await;
+            match result {
+                Ok(r) => ctx.finish(&action, request_id.as_deref(), r).await,
+                Err(err) => {
+                    let _ = ctx
+                        .send_error(&err, Some(&action), request_id.as_deref())
+                        .await;
+                }
+            }
+        });
+    }
+
+    /// Runs a blocking closure on tokio's blocking pool (DCRF's sync actions) and waits for it.
+    pub async fn run_blocking<F, R>(&self, f: F) -> Result<R, ApiError>
+    where
+        F: FnOnce(&Ctx) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let ctx = self.clone();
+        tokio::task::spawn_blocking(move || f(&ctx))
+            .await
+            .map_err(ApiError::internal)
+    }
+
+    /// Closes the connection with a close code and reason (after frames already queued).
+    pub async fn close(&self, code: u16, reason: &str) {
+        let _ = self
+            .inner
+            .out
+            .send(Outbound::Close(CloseFrame {
+                code,
+                reason: reason.into(),
+            }))
+            .await;
+    }
+
+    /// Is the connection shutting down (detached work should stop)?
+    pub fn is_closing(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Cancels detached tasks and waits for them to end.
+    pub(crate) async fn cancel_tasks(&self) {
+        self.inner.cancel.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+}
+
+/// Awaits a future, turning a panic into a 500 [`ApiError`].
+pub(crate) async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, ApiError> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_owned());
+            ApiError::internal(format!("action panicked: {msg}"))
+        })
+}

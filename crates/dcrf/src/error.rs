@@ -1,0 +1,176 @@
+//! Errors: [`ApiError`], the rejection an action answers with, and [`Error`], the framework's
+//! own failures (start-up, database, channel layer).
+
+use std::fmt;
+
+use serde_json::{Map, Value, json};
+
+/// The error an action replies with: a `response_status` and the `errors` list of the DCRF
+/// envelope.
+///
+/// Like axum's rejections it carries its own status, so `?` in an action is all it takes:
+///
+/// ```
+/// use dcrf::ApiError;
+///
+/// let e = ApiError::not_found();
+/// assert_eq!(e.status(), 404);
+/// assert_eq!(serde_json::json!(e.errors()), serde_json::json!(["Not found"]));
+///
+/// let e = ApiError::field("title", "This field is required.");
+/// assert_eq!(serde_json::json!(e.errors()), serde_json::json!([{"title": ["This field is required."]}]));
+/// ```
+///
+/// Server faults ([`ApiError::internal`]) reply with a generic 500 message; the cause is logged
+/// with the action and request id, never sent to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    status: u16,
+    errors: Vec<Value>,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+/// The text of a permission denial (DRF's `PermissionDenied`).
+pub const PERMISSION_DENIED: &str = "You do not have permission to perform this action.";
+/// The text of a server fault.
+pub const SERVER_ERROR: &str = "A server error occurred.";
+
+impl ApiError {
+    /// An error with any status and a list of error entries (strings or field maps).
+    pub fn new(status: u16, errors: Vec<Value>) -> Self {
+        ApiError {
+            status,
+            errors,
+            source: None,
+        }
+    }
+
+    /// 400 with one message.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, vec![Value::String(message.into())])
+    }
+
+    /// 400 with one message for one field: `[{"field": ["message"]}]`.
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        Self::new(400, vec![json!({ field: [message.into()] })])
+    }
+
+    /// 400 with DRF's field-error map: `[{"field": ["msg", ...], "non_field_errors": [...]}]`.
+    pub fn validation(fields: Map<String, Value>) -> Self {
+        Self::new(400, vec![Value::Object(fields)])
+    }
+
+    /// 403 `You do not have permission to perform this action.`
+    pub fn permission_denied() -> Self {
+        Self::new(403, vec![Value::String(PERMISSION_DENIED.into())])
+    }
+
+    /// 404 `Not found` (DCRF's `Http404` text, without a period).
+    pub fn not_found() -> Self {
+        Self::new(404, vec![Value::String("Not found".into())])
+    }
+
+    /// 405 `Method "x" not allowed.`
+    pub fn method_not_allowed(action: &str) -> Self {
+        Self::new(
+            405,
+            vec![Value::String(format!("Method \"{action}\" not allowed."))],
+        )
+    }
+
+    /// 405 `Unable to find action in message body.`
+    pub fn action_missing() -> Self {
+        Self::new(
+            405,
+            vec![Value::String(
+                "Unable to find action in message body.".into(),
+            )],
+        )
+    }
+
+    /// 500 with a generic message; `cause` is logged, not sent.
+    pub fn internal(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        ApiError {
+            status: 500,
+            errors: vec![Value::String(SERVER_ERROR.into())],
+            source: Some(cause.into()),
+        }
+    }
+
+    /// The envelope's `response_status`.
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// The envelope's `errors`.
+    pub fn errors(&self) -> &[Value] {
+        &self.errors
+    }
+
+    /// The logged cause of a server fault.
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync)> {
+        self.source.as_deref()
+    }
+
+    /// Is this a server fault (status 500 and above)?
+    pub fn is_server_error(&self) -> bool {
+        self.status >= 500
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status, Value::Array(self.errors.clone()))?;
+        if let Some(cause) = &self.source {
+            write!(f, " ({cause})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ApiError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<sea_orm::DbErr> for ApiError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<serde_json::Error> for ApiError {
+    fn from(e: serde_json::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+/// The framework's own failures: everything that is not an action's answer to a client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sea_orm::DbErr),
+    /// Binding or serving the socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// JSON encoding or decoding failed.
+    #[error("json error: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A configuration value is wrong (a URL, a key, a flag).
+    #[error("configuration error: {0}")]
+    Configuration(String),
+    /// The channel layer failed.
+    #[error("channel layer error: {0}")]
+    Layer(String),
+}

@@ -1,0 +1,125 @@
+//! # dcrf — Django Channels REST Framework, in Rust
+//!
+//! DRF-style APIs over WebSockets, speaking the JSON protocol of Python's
+//! `djangochannelsrestframework` (DCRF), so existing DCRF clients work unchanged.
+//!
+//! A consumer is a type with `async fn` actions; mount it on an axum router:
+//!
+//! ```no_run
+//! use dcrf::prelude::*;
+//! use serde::Deserialize;
+//!
+//! #[derive(Default)]
+//! struct Greeter;
+//!
+//! #[derive(Deserialize)]
+//! struct Greet { name: String }
+//!
+//! #[dcrf::consumer]
+//! impl Greeter {
+//!     /// → `{"action": "greet", "name": "Ada", "request_id": 1}`
+//!     /// ← `{"errors": [], "data": "Hello, Ada!", "action": "greet", "response_status": 200, "request_id": 1}`
+//!     #[action]
+//!     async fn greet(&mut self, args: Greet) -> Result<Reply<String>, ApiError> {
+//!         Ok(Reply::ok(format!("Hello, {}!", args.name)))
+//!     }
+//! }
+//!
+//! impl Consumer for Greeter {}
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), dcrf::Error> {
+//!     let app = Dcrf::new();
+//!     let router = axum::Router::new().route("/ws/greeter/", app.consumer(Greeter::default));
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:8000").await?;
+//!     dcrf::serve(listener, router, &app, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! }
+//! ```
+//!
+//! The pieces, each in its module:
+//! - [`protocol`]: the frame and the reply envelope;
+//! - [`consumer`]: [`Consumer`] hooks, [`Ctx`], [`Reply`], and the action table;
+//! - [`permission`]: [`Permission`](permission::Permission) and its `&`, `|`, `!`;
+//! - [`auth`]: token and JWT authentication at the handshake;
+//! - [`server`]: application settings ([`Dcrf`]), mounting, the connection task, shutdown;
+//! - [`error`]: [`ApiError`] (what actions answer) and [`Error`] (the framework's failures).
+
+pub mod auth;
+pub mod consumer;
+pub mod error;
+pub mod permission;
+pub mod protocol;
+pub mod scope;
+pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+// Lets `#[dcrf::consumer]` expand inside this crate too.
+extern crate self as dcrf;
+
+pub use consumer::{ActionTable, Closed, Consumer, Ctx, Dispatched, IntoActionResult, Reply};
+pub use error::{ApiError, Error};
+pub use protocol::Frame;
+pub use scope::{Scope, User};
+pub use server::{Dcrf, serve};
+
+/// Turns an `impl` block into a consumer's action table.
+///
+/// Each method marked `#[action]` becomes an action named after the method (or
+/// `#[action(name = "...")]`). Parameters after the receiver, in any order and all optional:
+/// - `ctx: &Ctx` — the connection context;
+/// - one argument type `T: serde::de::DeserializeOwned` — built from the message's fields
+///   (missing or mistyped fields answer 400 naming the field);
+/// - `frame: &Frame<'_>` — the raw message, for actions that read fields themselves.
+///
+/// It returns `Result<Reply<T>, E>` (or `Result<(), E>` to send nothing), `E: Into<ApiError>`.
+///
+/// Three kinds of action:
+/// - `#[action] async fn f(&mut self, ...)`: runs on the connection, one at a time, in
+///   arrival order, with access to the consumer's state;
+/// - `#[action(detached)] async fn f(ctx: Ctx, ...)`: runs concurrently, replies when done,
+///   cancelled when the socket closes;
+/// - `#[action(blocking)] fn f(ctx: &Ctx, ...)`: blocking code, run on tokio's blocking pool
+///   (the connection waits for it, keeping the order).
+///
+/// `#[dcrf::consumer(model)]` adds the model actions of a
+/// [`ModelConsumer`](crate::model::ModelConsumer) after yours.
+///
+/// ```
+/// use dcrf::prelude::*;
+/// use serde::Deserialize;
+///
+/// #[derive(Default)]
+/// struct Jobs;
+///
+/// #[derive(Deserialize)]
+/// struct Wait { seconds: u64 }
+///
+/// #[dcrf::consumer]
+/// impl Jobs {
+///     #[action(detached)]
+///     async fn wait(ctx: Ctx, args: Wait) -> Result<Reply<u64>, ApiError> {
+///         tokio::time::sleep(std::time::Duration::from_secs(args.seconds)).await;
+///         Ok(Reply::ok(args.seconds))
+///     }
+///
+///     #[action(blocking, name = "checksum")]
+///     fn checksum_blocking(frame_len: Wait) -> Result<Reply<u64>, ApiError> {
+///         Ok(Reply::ok(frame_len.seconds * 31))
+///     }
+/// }
+/// impl Consumer for Jobs {}
+/// ```
+pub use dcrf_macros::consumer;
+
+/// Everything a consumer module usually needs.
+pub mod prelude {
+    pub use crate::consumer::{Consumer, Ctx, Reply};
+    pub use crate::error::ApiError;
+    pub use crate::permission::{
+        AllowAny, DenyAnonymous, IsAuthenticated, Permission, Permissions,
+    };
+    pub use crate::protocol::Frame;
+    pub use crate::scope::{Scope, User};
+    pub use crate::server::Dcrf;
+}

@@ -1,0 +1,230 @@
+//! Permissions: who may connect, and who may run which action.
+//!
+//! A [`Permission`] answers two questions, both async so they may query a database:
+//! - [`can_connect`](Permission::can_connect), at the handshake (false → HTTP 403);
+//! - [`has_permission`](Permission::has_permission), before every action, *before* the action
+//!   name is even looked up, as in DCRF (false → a 403 frame, also for unknown actions).
+//!
+//! Permissions compose with `&`, `|` and `!`:
+//!
+//! ```
+//! use dcrf::permission::{AllowAny, IsAuthenticated, Permission};
+//!
+//! let p = IsAuthenticated | !AllowAny;   // any expression of built-in permissions
+//! # let _ = p;
+//! ```
+//!
+//! Your own permission is a type implementing [`Permission`]; call
+//! [`impl_permission_ops!`](crate::impl_permission_ops) on it to get the operators too.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::auth::BoxFuture;
+use crate::protocol::Frame;
+use crate::scope::Scope;
+
+/// Decides whether a connection may open and whether an action may run.
+///
+/// ```
+/// use dcrf::{Frame, Scope, permission::Permission};
+///
+/// /// Only users whose name starts with "admin".
+/// struct IsAdmin;
+///
+/// impl Permission for IsAdmin {
+///     async fn has_permission(&self, scope: &Scope, _action: &str, _args: &Frame<'_>) -> bool {
+///         scope.user.as_ref().is_some_and(|u| u.username.starts_with("admin"))
+///     }
+/// }
+/// dcrf::impl_permission_ops!(IsAdmin);
+///
+/// let p = IsAdmin | dcrf::permission::AllowAny;
+/// # let _ = p;
+/// ```
+pub trait Permission: Send + Sync + 'static {
+    /// May this action run? `action` is the requested name (it may be unknown); `args` is the
+    /// whole frame.
+    fn has_permission(
+        &self,
+        scope: &Scope,
+        action: &str,
+        args: &Frame<'_>,
+    ) -> impl Future<Output = bool> + Send;
+
+    /// May this connection open? Default: yes (as DCRF's `BasePermission`).
+    fn can_connect(&self, scope: &Scope) -> impl Future<Output = bool> + Send {
+        let _ = scope;
+        async { true }
+    }
+}
+
+/// A permission behind a pointer: what consumers and the application store.
+#[derive(Clone)]
+pub struct Permissions(Arc<dyn ErasedPermission>);
+
+impl std::fmt::Debug for Permissions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Permissions")
+    }
+}
+
+impl Permissions {
+    /// Wraps any permission (or composition of permissions).
+    pub fn new<P: Permission>(p: P) -> Self {
+        Permissions(Arc::new(p))
+    }
+
+    /// See [`Permission::has_permission`].
+    pub async fn has_permission(&self, scope: &Scope, action: &str, args: &Frame<'_>) -> bool {
+        self.0.has_permission_boxed(scope, action, args).await
+    }
+
+    /// See [`Permission::can_connect`].
+    pub async fn can_connect(&self, scope: &Scope) -> bool {
+        self.0.can_connect_boxed(scope).await
+    }
+}
+
+impl Default for Permissions {
+    /// [`AllowAny`], DCRF's default.
+    fn default() -> Self {
+        Permissions::new(AllowAny)
+    }
+}
+
+trait ErasedPermission: Send + Sync + 'static {
+    fn has_permission_boxed<'a>(
+        &'a self,
+        scope: &'a Scope,
+        action: &'a str,
+        args: &'a Frame<'a>,
+    ) -> BoxFuture<'a, bool>;
+    fn can_connect_boxed<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, bool>;
+}
+
+impl<P: Permission> ErasedPermission for P {
+    fn has_permission_boxed<'a>(
+        &'a self,
+        scope: &'a Scope,
+        action: &'a str,
+        args: &'a Frame<'a>,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(self.has_permission(scope, action, args))
+    }
+    fn can_connect_boxed<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, bool> {
+        Box::pin(self.can_connect(scope))
+    }
+}
+
+impl Permission for Permissions {
+    async fn has_permission(&self, scope: &Scope, action: &str, args: &Frame<'_>) -> bool {
+        Permissions::has_permission(self, scope, action, args).await
+    }
+    async fn can_connect(&self, scope: &Scope) -> bool {
+        Permissions::can_connect(self, scope).await
+    }
+}
+
+/// Everyone may do everything (DCRF's default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAny;
+
+impl Permission for AllowAny {
+    async fn has_permission(&self, _: &Scope, _: &str, _: &Frame<'_>) -> bool {
+        true
+    }
+}
+
+/// Only authenticated users may run actions. Anonymous clients may still connect (as in DCRF);
+/// combine with a `can_connect` check to refuse them at the handshake.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IsAuthenticated;
+
+impl Permission for IsAuthenticated {
+    async fn has_permission(&self, scope: &Scope, _: &str, _: &Frame<'_>) -> bool {
+        scope.is_authenticated()
+    }
+}
+
+/// Anonymous users may neither connect nor act.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DenyAnonymous;
+
+impl Permission for DenyAnonymous {
+    async fn has_permission(&self, scope: &Scope, _: &str, _: &Frame<'_>) -> bool {
+        scope.is_authenticated()
+    }
+    async fn can_connect(&self, scope: &Scope) -> bool {
+        scope.is_authenticated()
+    }
+}
+
+/// Both must allow (short-circuit). Built by `a & b`.
+#[derive(Debug, Clone, Copy)]
+pub struct And<A, B>(pub A, pub B);
+/// Either may allow (short-circuit). Built by `a | b`.
+#[derive(Debug, Clone, Copy)]
+pub struct Or<A, B>(pub A, pub B);
+/// The opposite. Built by `!a`.
+#[derive(Debug, Clone, Copy)]
+pub struct Not<A>(pub A);
+
+impl<A: Permission, B: Permission> Permission for And<A, B> {
+    async fn has_permission(&self, scope: &Scope, action: &str, args: &Frame<'_>) -> bool {
+        self.0.has_permission(scope, action, args).await
+            && self.1.has_permission(scope, action, args).await
+    }
+    async fn can_connect(&self, scope: &Scope) -> bool {
+        self.0.can_connect(scope).await && self.1.can_connect(scope).await
+    }
+}
+
+impl<A: Permission, B: Permission> Permission for Or<A, B> {
+    async fn has_permission(&self, scope: &Scope, action: &str, args: &Frame<'_>) -> bool {
+        self.0.has_permission(scope, action, args).await
+            || self.1.has_permission(scope, action, args).await
+    }
+    async fn can_connect(&self, scope: &Scope) -> bool {
+        self.0.can_connect(scope).await || self.1.can_connect(scope).await
+    }
+}
+
+impl<A: Permission> Permission for Not<A> {
+    async fn has_permission(&self, scope: &Scope, action: &str, args: &Frame<'_>) -> bool {
+        !self.0.has_permission(scope, action, args).await
+    }
+    async fn can_connect(&self, scope: &Scope) -> bool {
+        !self.0.can_connect(scope).await
+    }
+}
+
+/// Implements `&`, `|` and `!` for a permission type, so it composes like the built-in ones.
+///
+/// Generic types can list their parameters first: `impl_permission_ops!([A, B] And<A, B>)`.
+#[macro_export]
+macro_rules! impl_permission_ops {
+    ([$($g:ident),*] $t:ty) => {
+        impl<$($g: $crate::permission::Permission,)* Rhs: $crate::permission::Permission> ::std::ops::BitAnd<Rhs> for $t {
+            type Output = $crate::permission::And<Self, Rhs>;
+            fn bitand(self, rhs: Rhs) -> Self::Output { $crate::permission::And(self, rhs) }
+        }
+        impl<$($g: $crate::permission::Permission,)* Rhs: $crate::permission::Permission> ::std::ops::BitOr<Rhs> for $t {
+            type Output = $crate::permission::Or<Self, Rhs>;
+            fn bitor(self, rhs: Rhs) -> Self::Output { $crate::permission::Or(self, rhs) }
+        }
+        impl<$($g: $crate::permission::Permission,)*> ::std::ops::Not for $t {
+            type Output = $crate::permission::Not<Self>;
+            fn not(self) -> Self::Output { $crate::permission::Not(self) }
+        }
+    };
+    ($t:ty) => { $crate::impl_permission_ops!([] $t); };
+}
+
+impl_permission_ops!(AllowAny);
+impl_permission_ops!(IsAuthenticated);
+impl_permission_ops!(DenyAnonymous);
+impl_permission_ops!(Permissions);
+impl_permission_ops!([A, B] And<A, B>);
+impl_permission_ops!([A, B] Or<A, B>);
+impl_permission_ops!([A] Not<A>);

@@ -1,0 +1,196 @@
+//! Testing consumers over a real socket (Channels' `WebsocketCommunicator`).
+//!
+//! Enabled by the `testing` feature. [`TestServer::start`] serves a router on a free loopback
+//! port; [`TestClient`] speaks JSON frames to it with timeouts, so a test fails instead of
+//! hanging.
+//!
+//! ```no_run
+//! # async fn t(router: axum::Router, app: dcrf::Dcrf) {
+//! use dcrf::testing::{TestClient, TestServer};
+//! use serde_json::json;
+//!
+//! let server = TestServer::start(router, app).await;
+//! let mut client = TestClient::connect(&server.url("/ws/echo/")).await.unwrap();
+//! let reply = client.request(json!({"action": "echo", "request_id": 1, "x": 2})).await;
+//! assert_eq!(reply["data"], json!({"x": 2}));
+//! client.receive_nothing().await;
+//! # }
+//! ```
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::server::Dcrf;
+
+/// How long [`TestClient::receive_json`] waits before failing the test.
+pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`TestClient::receive_nothing`] listens.
+pub const NOTHING_TIMEOUT: Duration = Duration::from_millis(150);
+
+/// A server on `127.0.0.1:<free port>`, serving until dropped or shut down.
+#[derive(Debug)]
+pub struct TestServer {
+    /// The bound address.
+    pub addr: SocketAddr,
+    /// The application settings (call [`Dcrf::shutdown`] to test graceful shutdown).
+    pub app: Dcrf,
+    handle: Option<tokio::task::JoinHandle<Result<(), crate::Error>>>,
+}
+
+impl TestServer {
+    /// Binds a free port and serves `router` in a background task.
+    pub async fn start(router: axum::Router, app: Dcrf) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let app2 = app.clone();
+        let handle = tokio::spawn(async move {
+            crate::server::serve(listener, router, &app2, std::future::pending()).await
+        });
+        TestServer {
+            addr,
+            app,
+            handle: Some(handle),
+        }
+    }
+
+    /// `ws://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Shuts down gracefully and waits until `serve` has returned.
+    pub async fn shutdown(mut self) {
+        self.app.shutdown();
+        if let Some(handle) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), handle).await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(handle) = &self.handle {
+            handle.abort();
+        }
+    }
+}
+
+/// A WebSocket client for tests.
+#[derive(Debug)]
+pub struct TestClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl TestClient {
+    /// Connects to a `ws://` URL.
+    pub async fn connect(url: &str) -> Result<TestClient, tungstenite::Error> {
+        Self::connect_request(url).await
+    }
+
+    /// Connects with a custom handshake request (headers such as `Authorization`, `Cookie`,
+    /// `Origin`).
+    pub async fn connect_request(
+        request: impl IntoClientRequest + Unpin,
+    ) -> Result<TestClient, tungstenite::Error> {
+        let (ws, _) = tokio_tungstenite::connect_async(request).await?;
+        Ok(TestClient { ws })
+    }
+
+    /// The HTTP status the handshake was refused with, or `None` if it was accepted.
+    pub async fn refused_status(request: impl IntoClientRequest + Unpin) -> Option<u16> {
+        match tokio_tungstenite::connect_async(request).await {
+            Ok(_) => None,
+            Err(tungstenite::Error::Http(resp)) => Some(resp.status().as_u16()),
+            Err(e) => panic!("handshake failed without an HTTP status: {e}"),
+        }
+    }
+
+    /// Sends a JSON value as a text frame.
+    pub async fn send_json(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    /// Sends a text frame as is.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::text(text))
+            .await
+            .expect("send text frame");
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws
+            .send(Message::binary(data))
+            .await
+            .expect("send binary frame");
+    }
+
+    /// Receives the next text frame as JSON; panics after [`RECEIVE_TIMEOUT`] or on close.
+    pub async fn receive_json(&mut self) -> Value {
+        let text = self.receive_text().await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+
+    /// Receives the next text frame verbatim.
+    pub async fn receive_text(&mut self) -> String {
+        loop {
+            let next = tokio::time::timeout(RECEIVE_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame");
+            match next {
+                Some(Ok(Message::Text(t))) => return t.to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a request and returns the next frame.
+    pub async fn request(&mut self, value: Value) -> Value {
+        self.send_json(value).await;
+        self.receive_json().await
+    }
+
+    /// Asserts that nothing arrives within [`NOTHING_TIMEOUT`].
+    pub async fn receive_nothing(&mut self) {
+        self.receive_nothing_for(NOTHING_TIMEOUT).await;
+    }
+
+    /// Asserts that nothing arrives within `wait`.
+    pub async fn receive_nothing_for(&mut self, wait: Duration) {
+        if let Ok(Some(msg)) = tokio::time::timeout(wait, self.ws.next()).await {
+            panic!("expected nothing, got {msg:?}");
+        }
+    }
+
+    /// Waits for the server's close frame and returns it (`None` if the socket ended without
+    /// one).
+    pub async fn receive_close(&mut self) -> Option<CloseFrame> {
+        loop {
+            let next = tokio::time::timeout(RECEIVE_TIMEOUT, self.ws.next())
+                .await
+                .expect("timed out waiting for close");
+            match next {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// Closes the connection from the client side.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
