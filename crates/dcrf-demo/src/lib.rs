@@ -2,12 +2,14 @@
 //!
 //! Endpoints:
 //! - `/ws/echo/`: `echo` (returns every field but `action` and `request_id`) and `whoami`
-//!   (the user, or null).
+//!   (the user, or null);
+//! - `/ws/todos/`: the `todo` model: list (paginated), retrieve, create, update, patch, delete.
 
 use dcrf::auth::JwtAuth;
 use dcrf::prelude::*;
 
 pub mod echo;
+pub mod todos;
 
 /// The JWT secret the demo uses when none is given (`--jwt-secret`): fine for a demo, never
 /// for production.
@@ -18,12 +20,21 @@ pub const DEFAULT_JWT_SECRET: &str = "dcrf-demo-insecure-secret";
 pub struct DemoConfig {
     /// Shared secret for HS256 JWTs (`Authorization: Bearer` or `?token=`).
     pub jwt_secret: String,
+    /// Database URL: SQLite (`sqlite://file?mode=rwc`, `sqlite::memory:`) or PostgreSQL.
+    pub database: String,
+    /// Todos to insert at start.
+    pub seed: u64,
 }
+
+/// The default database: a SQLite file in the working directory.
+pub const DEFAULT_DATABASE: &str = "sqlite://dcrf-demo.sqlite3?mode=rwc";
 
 impl Default for DemoConfig {
     fn default() -> Self {
         DemoConfig {
             jwt_secret: DEFAULT_JWT_SECRET.to_owned(),
+            database: DEFAULT_DATABASE.to_owned(),
+            seed: 0,
         }
     }
 }
@@ -32,6 +43,13 @@ impl Default for DemoConfig {
 pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Error> {
     let auth = JwtAuth::hs256(config.jwt_secret.as_bytes())?;
     let app = Dcrf::new().authenticator(auth);
-    let router = axum::Router::new().route("/ws/echo/", app.consumer(echo::Echo::default));
+    let db = dcrf::model::Db::connect(&config.database).await?;
+    todos::setup(&db, config.seed).await?;
+    let router = axum::Router::new()
+        .route("/ws/echo/", app.consumer(echo::Echo::default))
+        .route(
+            "/ws/todos/",
+            app.consumer(move || todos::Todos { db: db.clone() }),
+        );
     Ok((router, app))
 }

@@ -5,7 +5,7 @@
 //! ```
 
 use clap::Parser;
-use dcrf_demo::{DEFAULT_JWT_SECRET, DemoConfig};
+use dcrf_demo::{DEFAULT_DATABASE, DEFAULT_JWT_SECRET, DemoConfig};
 
 /// The dcrf demo server: DCRF's JSON protocol over WebSockets.
 #[derive(Debug, Parser)]
@@ -17,6 +17,13 @@ struct Args {
     /// Shared secret for HS256 JWTs sent as `Authorization: Bearer` or `?token=`.
     #[arg(long, env = "DCRF_DEMO_JWT_SECRET", default_value = DEFAULT_JWT_SECRET)]
     jwt_secret: String,
+    /// Database URL: a SQLite file (the default, in the working directory), `sqlite::memory:`,
+    /// or `postgres://user@host/db`.
+    #[arg(long, env = "DCRF_DEMO_DATABASE", default_value = DEFAULT_DATABASE)]
+    database: String,
+    /// Insert this many todos at start ("Todo 1", "Todo 2", ...).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[tokio::main]
@@ -29,6 +36,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let config = DemoConfig {
         jwt_secret: args.jwt_secret,
+        database: args.database,
+        seed: args.seed,
     };
     let (router, app) = dcrf_demo::build(&config).await?;
     let listener = tokio::net::TcpListener::bind(&args.bind).await?;

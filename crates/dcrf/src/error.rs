@@ -137,8 +137,19 @@ impl std::error::Error for ApiError {
 }
 
 impl From<sea_orm::DbErr> for ApiError {
+    /// Constraint violations are the client's mistake (400, `non_field_errors`); every other
+    /// database error is a server fault (500).
     fn from(e: sea_orm::DbErr) -> Self {
-        ApiError::internal(e)
+        let message = match e.sql_err() {
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => {
+                "A record with these values already exists."
+            }
+            Some(sea_orm::SqlErr::ForeignKeyConstraintViolation(_)) => {
+                "A related record does not exist."
+            }
+            _ => return ApiError::internal(e),
+        };
+        ApiError::new(400, vec![json!({ "non_field_errors": [message] })])
     }
 }
 
@@ -150,7 +161,10 @@ impl From<serde_json::Error> for ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
-        ApiError::internal(e)
+        match e {
+            Error::Database(db) => db.into(),
+            other => ApiError::internal(other),
+        }
     }
 }
 

@@ -47,6 +47,7 @@
 pub mod auth;
 pub mod consumer;
 pub mod error;
+pub mod model;
 pub mod permission;
 pub mod protocol;
 pub mod scope;

@@ -135,7 +135,7 @@ impl<'a> Frame<'a> {
         let de = de::value::MapDeserializer::<_, serde_json::Error>::new(
             self.fields.iter().map(|(k, v)| (k.as_ref(), *v)),
         );
-        serde_path_to_error::deserialize(de).map_err(args_error)
+        serde_path_to_error::deserialize(de).map_err(deserialize_error)
     }
 
     /// The fields as a JSON object (serializes without building a tree).
@@ -160,7 +160,7 @@ impl Serialize for FieldsObject<'_, '_> {
 }
 
 /// Turns an argument deserialization error into DRF's field-error shape.
-fn args_error(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
+pub(crate) fn deserialize_error(err: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let path = err.path().to_string();
     let inner = strip_position(err.inner());
     if let Some(rest) = inner.strip_prefix("missing field `") {

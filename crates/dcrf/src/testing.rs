@@ -194,3 +194,117 @@ impl TestClient {
         let _ = self.ws.close(None).await;
     }
 }
+
+/// The databases a model test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestBackend {
+    /// An in-memory SQLite database of its own.
+    Sqlite,
+    /// A fresh schema in the PostgreSQL database named by `DATABASE_URL`.
+    Postgres,
+}
+
+/// A fresh, empty database for one test: in-memory SQLite, or a new schema in the PostgreSQL
+/// database of `DATABASE_URL` (the connection's `search_path` points at it).
+///
+/// Returns `None`, printing a visible `SKIPPED` line, when PostgreSQL is asked for and
+/// `DATABASE_URL` is unset.
+pub async fn test_db(backend: TestBackend) -> Option<crate::model::Db> {
+    match backend {
+        TestBackend::Sqlite => Some(
+            crate::model::Db::connect("sqlite::memory:")
+                .await
+                .expect("in-memory sqlite"),
+        ),
+        TestBackend::Postgres => {
+            let Ok(url) = std::env::var("DATABASE_URL") else {
+                println!("SKIPPED: DATABASE_URL is not set; PostgreSQL variant not run");
+                eprintln!("SKIPPED: DATABASE_URL is not set; PostgreSQL variant not run");
+                return None;
+            };
+            Some(postgres_schema(&url).await)
+        }
+    }
+}
+
+/// Creates a uniquely named schema and connects with `search_path` set to it.
+pub async fn postgres_schema(url: &str) -> crate::model::Db {
+    use sea_orm::ConnectionTrait;
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let schema = format!(
+        "dcrf_test_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        nanos
+    );
+    let admin = crate::model::Db::connect(url)
+        .await
+        .expect("connect to DATABASE_URL");
+    admin
+        .conn()
+        .execute_unprepared(&format!("CREATE SCHEMA \"{schema}\""))
+        .await
+        .expect("create test schema");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let scoped = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+    crate::model::Db::connect(&scoped)
+        .await
+        .expect("connect to test schema")
+}
+
+/// Drops the schema a PostgreSQL test database was created in (see [`test_db`]); does nothing
+/// for other databases.
+pub async fn drop_test_db(db: crate::model::Db) {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    if db.backend() != DbBackend::Postgres {
+        return;
+    }
+    let row = db
+        .conn()
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT current_schema()",
+        ))
+        .await;
+    if let Ok(Some(row)) = row
+        && let Ok(schema) = row.try_get_by_index::<String>(0)
+        && schema.starts_with("dcrf_test_")
+    {
+        let _ = db
+            .conn()
+            .execute_unprepared(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .await;
+    }
+}
+
+/// Declares a test that runs once per backend: `mod name { sqlite, postgres }`, calling
+/// `async fn name(db: Db)`.
+///
+/// ```ignore
+/// dcrf::backend_tests!(create_works);
+/// async fn create_works(db: dcrf::model::Db) { /* ... */ }
+/// ```
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                if let Some(db) = $crate::testing::test_db($crate::testing::TestBackend::Sqlite).await {
+                    super::$name(db).await;
+                }
+            }
+            #[tokio::test]
+            async fn postgres() {
+                if let Some(db) = $crate::testing::test_db($crate::testing::TestBackend::Postgres).await {
+                    super::$name(db.clone()).await;
+                    $crate::testing::drop_test_db(db).await;
+                }
+            }
+        }
+    )*};
+}

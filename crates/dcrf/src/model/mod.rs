@@ -1,0 +1,605 @@
+//! Model consumers: DCRF's `GenericAsyncAPIConsumer` and its mixins over a sea-orm entity.
+//!
+//! A [`ModelConsumer`] names an entity, the representation sent to clients (`Output`), the
+//! validated input (`Input`) and the database; `#[dcrf::consumer(model)]` then serves its
+//! actions:
+//!
+//! | action | request fields | success |
+//! |---|---|---|
+//! | `list` | optional `limit`, `offset`, `ordering`, `filters` | 200, array (or a page, see [`LimitOffset`]) |
+//! | `retrieve` | the lookup field (`pk`) | 200, the object |
+//! | `create` | `data` | 201, the object |
+//! | `update` | lookup, `data` (required fields required; absent fields keep their value) | 200 |
+//! | `patch` | lookup, `data` (any subset; `null` sets null, absent keeps) | 200 |
+//! | `delete` | lookup | 204, `data: null` |
+//! | `list_cancel` | — (streamed lists only) | 200, `data: null` |
+//!
+//! Errors are DCRF's: 404 `["Not found"]`, 400 `[{"field": ["message"]}]` for validation (with
+//! `non_field_errors` for object-level errors), 403 when
+//! [`has_object_permission`](ModelConsumer::has_object_permission) refuses. Every write runs in
+//! one transaction; any failure rolls it back and answers with an error frame.
+//!
+//! ```
+//! use dcrf::model::{Db, ModelConsumer};
+//! use dcrf::prelude::*;
+//! use sea_orm::entity::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! mod todo {
+//!     use sea_orm::entity::prelude::*;
+//!     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, serde::Deserialize)]
+//!     #[sea_orm(table_name = "todo")]
+//!     pub struct Model {
+//!         #[sea_orm(primary_key)]
+//!         pub id: i32,
+//!         pub title: String,
+//!         pub done: bool,
+//!     }
+//!     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+//!     pub enum Relation {}
+//!     impl ActiveModelBehavior for ActiveModel {}
+//! }
+//!
+//! /// What clients may write: validated, then turned into an active model.
+//! #[derive(Deserialize, garde::Validate, DeriveIntoActiveModel)]
+//! #[sea_orm(active_model = "todo::ActiveModel")]
+//! struct TodoInput {
+//!     #[garde(length(min = 1, max = 200))]
+//!     title: String,
+//!     #[garde(skip)]
+//!     #[serde(default)]
+//!     done: bool,
+//! }
+//!
+//! struct Todos { db: Db }
+//!
+//! impl ModelConsumer for Todos {
+//!     type Entity = todo::Entity;
+//!     type Output = todo::Model;
+//!     type Input = TodoInput;
+//!     fn db(&self) -> &Db { &self.db }
+//! }
+//!
+//! #[dcrf::consumer(model)]
+//! impl Todos {}
+//! impl Consumer for Todos {}
+//! ```
+
+mod db;
+mod lookup;
+mod pagination;
+mod validation;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sea_orm::{
+    ActiveModelBehavior, ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
+    IntoActiveModel, Iterable, Order, PrimaryKeyToColumn, QueryFilter, QueryOrder, QuerySelect,
+    Select,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub use db::{Db, Txn};
+pub use lookup::{column_named, json_to_value, primary_key_column};
+pub use pagination::{LimitOffset, Page};
+pub use validation::{ValidationErrors, parse_input};
+
+use crate::consumer::{Ctx, Dispatched, Reply};
+use crate::error::ApiError;
+use crate::protocol::Frame;
+
+/// The model of a consumer's entity.
+pub type ModelOf<C> = <<C as ModelConsumer>::Entity as EntityTrait>::Model;
+/// The active model of a consumer's entity.
+pub type ActiveModelOf<C> = <<C as ModelConsumer>::Entity as EntityTrait>::ActiveModel;
+
+/// A sea-orm entity the framework can serve: its model serializes, and its active model can be
+/// sent between tasks. Implemented for every entity that qualifies.
+pub trait ModelEntity:
+    EntityTrait<
+        Model: Serialize + Send + Sync + IntoActiveModel<<Self as EntityTrait>::ActiveModel>,
+        ActiveModel: ActiveModelBehavior + Send + Sync,
+    >
+{
+}
+
+impl<E> ModelEntity for E where
+    E: EntityTrait<
+            Model: Serialize + Send + Sync + IntoActiveModel<<E as EntityTrait>::ActiveModel>,
+            ActiveModel: ActiveModelBehavior + Send + Sync,
+        >
+{
+}
+
+/// Which of the model actions a consumer serves (DCRF's mixins).
+///
+/// ```
+/// use dcrf::model::ModelActions;
+/// let read_only = ModelActions::LIST | ModelActions::RETRIEVE;
+/// assert!(read_only.contains(ModelActions::LIST));
+/// assert!(!read_only.contains(ModelActions::DELETE));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelActions(u8);
+
+impl ModelActions {
+    /// `list` (DCRF's `ListModelMixin`).
+    pub const LIST: Self = Self(1);
+    /// `retrieve`.
+    pub const RETRIEVE: Self = Self(2);
+    /// `create`.
+    pub const CREATE: Self = Self(4);
+    /// `update`.
+    pub const UPDATE: Self = Self(8);
+    /// `patch`.
+    pub const PATCH: Self = Self(16);
+    /// `delete`.
+    pub const DELETE: Self = Self(32);
+    /// `list` and `retrieve`.
+    pub const READ_ONLY: Self = Self(1 | 2);
+    /// All six.
+    pub const ALL: Self = Self(63);
+    /// None (a consumer of custom actions over a model).
+    pub const NONE: Self = Self(0);
+
+    /// Are all of `other`'s actions in `self`?
+    pub fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for ModelActions {
+    type Output = Self;
+    fn bitor(self, rhs: Self) -> Self {
+        Self(self.0 | rhs.0)
+    }
+}
+
+/// A consumer over one sea-orm entity. Every hook has a default; override what you need.
+pub trait ModelConsumer: Send + Sync + Sized + 'static {
+    /// The entity (table).
+    type Entity: ModelEntity;
+    /// What clients receive (DRF's serializer output). Often the model itself.
+    type Output: Serialize + From<ModelOf<Self>> + Send + Sync;
+    /// What clients may write: deserialized from `data`, validated by garde, then converted
+    /// into an active model (derive sea-orm's `DeriveIntoActiveModel`). Field names match the
+    /// model's; fields the input does not have are read-only.
+    type Input: DeserializeOwned
+        + garde::Validate<Context = ()>
+        + IntoActiveModel<ActiveModelOf<Self>>
+        + Send;
+
+    /// The database.
+    fn db(&self) -> &Db;
+
+    /// The actions served. Default: all six.
+    fn actions(&self) -> ModelActions {
+        ModelActions::ALL
+    }
+
+    /// The message key that identifies one object, and the column it is looked up in: `"pk"`
+    /// (the default) means the primary key; any other name is a column name.
+    fn lookup_field(&self) -> &'static str {
+        "pk"
+    }
+
+    /// Paginates `list` (DCRF's `PaginatedModelListMixin`). Default: no pagination.
+    fn pagination(&self) -> Option<LimitOffset> {
+        None
+    }
+
+    /// Streams `list` one page per frame, with this pause before each page (DCRF's
+    /// `StreamedPaginatedListMixin`); needs [`pagination`](Self::pagination). Enables
+    /// `list_cancel`. Default: not streamed.
+    fn stream_list(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Fields clients may filter `list` on: `{"filters": {"done": true}}`. Default: none.
+    fn filter_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Fields clients may order `list` by: `{"ordering": "-title"}` or `["done", "-id"]`.
+    /// Default: none (ordered by primary key).
+    fn ordering_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The objects this connection may see (DCRF's `get_queryset`). Default: all rows.
+    fn get_queryset(&self, ctx: &Ctx, frame: &Frame<'_>) -> Select<Self::Entity> {
+        let _ = (ctx, frame);
+        Self::Entity::find()
+    }
+
+    /// Narrows the queryset from message arguments (DCRF's `filter_queryset`). Default:
+    /// unchanged.
+    fn filter_queryset(
+        &self,
+        ctx: &Ctx,
+        query: Select<Self::Entity>,
+        frame: &Frame<'_>,
+    ) -> Result<Select<Self::Entity>, ApiError> {
+        let _ = (ctx, frame);
+        Ok(query)
+    }
+
+    /// May this connection run `action` on this object? Checked by retrieve, update, patch
+    /// and delete after the object is found; `false` answers 403. Default: yes.
+    fn has_object_permission(
+        &self,
+        ctx: &Ctx,
+        action: &str,
+        object: &ModelOf<Self>,
+    ) -> impl Future<Output = bool> + Send {
+        let _ = (ctx, action, object);
+        async { true }
+    }
+
+    /// Object-level validation after field rules passed (DRF's `validate`): may query the
+    /// database (uniqueness, cross-field checks). `instance` is the object being updated, `None`
+    /// on create. Return [`ValidationErrors`] converted into an [`ApiError`].
+    fn validate(
+        &self,
+        ctx: &Ctx,
+        input: &Self::Input,
+        instance: Option<&ModelOf<Self>>,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        let _ = (ctx, input, instance);
+        async { Ok(()) }
+    }
+
+    /// Saves a new object (DCRF's `perform_create`).
+    fn perform_create(
+        &self,
+        ctx: &Ctx,
+        txn: &mut Txn,
+        object: ActiveModelOf<Self>,
+    ) -> impl Future<Output = Result<ModelOf<Self>, ApiError>> + Send {
+        let _ = ctx;
+        async move { Ok(txn.insert(object).await?) }
+    }
+
+    /// Saves a full update (DCRF's `perform_update`).
+    fn perform_update(
+        &self,
+        ctx: &Ctx,
+        txn: &mut Txn,
+        object: ActiveModelOf<Self>,
+    ) -> impl Future<Output = Result<ModelOf<Self>, ApiError>> + Send {
+        let _ = ctx;
+        async move { Ok(txn.update(object).await?) }
+    }
+
+    /// Saves a partial update (DCRF's `perform_patch`).
+    fn perform_patch(
+        &self,
+        ctx: &Ctx,
+        txn: &mut Txn,
+        object: ActiveModelOf<Self>,
+    ) -> impl Future<Output = Result<ModelOf<Self>, ApiError>> + Send {
+        let _ = ctx;
+        async move { Ok(txn.update(object).await?) }
+    }
+
+    /// Deletes an object (DCRF's `perform_delete`).
+    fn perform_delete(
+        &self,
+        ctx: &Ctx,
+        txn: &mut Txn,
+        object: ModelOf<Self>,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        let _ = ctx;
+        async move { Ok(txn.delete(object).await?) }
+    }
+}
+
+/// Runs a model action; the fallback of `#[dcrf::consumer(model)]`.
+pub async fn dispatch_model<C: ModelConsumer>(
+    consumer: &mut C,
+    ctx: &Ctx,
+    action: &str,
+    frame: &Frame<'_>,
+) -> Dispatched {
+    let c: &C = consumer;
+    let actions = c.actions();
+    let rid = frame.request_id();
+    let streamed = c.stream_list().is_some() && c.pagination().is_some();
+    match action {
+        "list" if actions.contains(ModelActions::LIST) => {
+            if streamed {
+                if let Err(e) = start_stream(c, ctx, frame) {
+                    let _ = ctx.send_error(&e, Some(action), rid).await;
+                }
+            } else {
+                ctx.finish(action, rid, list(c, ctx, frame).await).await;
+            }
+        }
+        "list_cancel" if actions.contains(ModelActions::LIST) && streamed => {
+            if let Some(streams) = ctx.extension::<ListStreams>() {
+                for token in streams
+                    .0
+                    .lock()
+                    .map(|mut v| std::mem::take(&mut *v))
+                    .unwrap_or_default()
+                {
+                    token.cancel();
+                }
+            }
+            ctx.finish(action, rid, Ok::<_, ApiError>(Reply::ok(())))
+                .await;
+        }
+        "retrieve" if actions.contains(ModelActions::RETRIEVE) => {
+            ctx.finish(action, rid, retrieve(c, ctx, frame).await).await;
+        }
+        "create" if actions.contains(ModelActions::CREATE) => {
+            ctx.finish(action, rid, create(c, ctx, frame).await).await;
+        }
+        "update" if actions.contains(ModelActions::UPDATE) => {
+            ctx.finish(action, rid, update(c, ctx, frame, false).await)
+                .await;
+        }
+        "patch" if actions.contains(ModelActions::PATCH) => {
+            ctx.finish(action, rid, update(c, ctx, frame, true).await)
+                .await;
+        }
+        "delete" if actions.contains(ModelActions::DELETE) => {
+            ctx.finish(action, rid, delete(c, ctx, frame).await).await;
+        }
+        _ => return Dispatched::Unknown,
+    }
+    Dispatched::Handled
+}
+
+/// DCRF's `get_object`: the queryset, narrowed, then the lookup field; 404 when absent.
+///
+/// Runs on `conn` (pass a transaction to read what you are about to write; on PostgreSQL the
+/// row is then locked `FOR UPDATE`).
+pub async fn get_object<C: ModelConsumer, Conn: ConnectionTrait>(
+    consumer: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+    conn: &Conn,
+    lock: bool,
+) -> Result<ModelOf<C>, ApiError> {
+    let field = consumer.lookup_field();
+    let raw = frame
+        .field(field)
+        .ok_or_else(|| ApiError::field(field, "This field is required."))?;
+    let column = if field == "pk" {
+        primary_key_column::<C::Entity>()
+    } else {
+        column_named::<C::Entity>(field)
+            .ok_or_else(|| ApiError::internal(format!("lookup field {field:?} is not a column")))?
+    };
+    // A value that cannot be a key of this column finds nothing (DCRF's 404 for "abc").
+    let Some(value) = json_to_value(column, raw.get()) else {
+        return Err(ApiError::not_found());
+    };
+    let mut query = consumer.filter_queryset(ctx, consumer.get_queryset(ctx, frame), frame)?;
+    query = query.filter(column.eq(value));
+    if lock && conn.get_database_backend() == DbBackend::Postgres {
+        query = query.lock_exclusive();
+    }
+    query.one(conn).await?.ok_or_else(ApiError::not_found)
+}
+
+async fn check_object<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    action: &str,
+    object: &ModelOf<C>,
+) -> Result<(), ApiError> {
+    if c.has_object_permission(ctx, action, object).await {
+        Ok(())
+    } else {
+        Err(ApiError::permission_denied())
+    }
+}
+
+async fn retrieve<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<Reply<C::Output>, ApiError> {
+    let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
+    check_object(c, ctx, "retrieve", &object).await?;
+    Ok(Reply::ok(C::Output::from(object)))
+}
+
+/// The list query: queryset, `filter_queryset`, then allowed filters and ordering, then the
+/// primary key as the last ordering.
+fn list_query<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<Select<C::Entity>, ApiError> {
+    let mut query = c.filter_queryset(ctx, c.get_queryset(ctx, frame), frame)?;
+    query = pagination::apply_filters::<C::Entity>(query, frame, c.filter_fields())?;
+    query = pagination::apply_ordering::<C::Entity>(query, frame, c.ordering_fields())?;
+    for key in <C::Entity as EntityTrait>::PrimaryKey::iter() {
+        query = query.order_by(key.into_column(), Order::Asc);
+    }
+    Ok(query)
+}
+
+/// A list reply: a plain array, or a page.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum ListData<T> {
+    /// Unpaginated.
+    All(Vec<T>),
+    /// One page.
+    Page(Page<T>),
+}
+
+async fn list<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<Reply<ListData<C::Output>>, ApiError> {
+    let query = list_query(c, ctx, frame)?;
+    match c.pagination() {
+        None => {
+            let rows = query.all(c.db().conn()).await?;
+            Ok(Reply::ok(ListData::All(
+                rows.into_iter().map(C::Output::from).collect(),
+            )))
+        }
+        Some(p) => {
+            let (limit, offset) = p.limit_offset(frame)?;
+            let page = pagination::fetch_page::<C>(c.db(), query, limit, offset).await?;
+            Ok(Reply::ok(ListData::Page(page)))
+        }
+    }
+}
+
+/// The streams of a connection, for `list_cancel`.
+#[derive(Clone, Default)]
+struct ListStreams(Arc<Mutex<Vec<CancellationToken>>>);
+
+fn start_stream<C: ModelConsumer>(c: &C, ctx: &Ctx, frame: &Frame<'_>) -> Result<(), ApiError> {
+    let (Some(p), Some(pause)) = (c.pagination(), c.stream_list()) else {
+        return Err(ApiError::internal("streamed list without pagination"));
+    };
+    let query = list_query(c, ctx, frame)?;
+    let (limit, mut offset) = p.limit_offset(frame)?;
+    let streams = match ctx.extension::<ListStreams>() {
+        Some(s) => s,
+        None => {
+            let s = ListStreams::default();
+            ctx.insert_extension(s.clone());
+            s
+        }
+    };
+    let token = CancellationToken::new();
+    if let Ok(mut v) = streams.0.lock() {
+        v.retain(|t| !t.is_cancelled());
+        v.push(token.clone());
+    }
+    let db = c.db().clone();
+    let task_ctx = ctx.clone();
+    let rid: Option<Box<serde_json::value::RawValue>> = frame.request_id().map(|r| r.to_owned());
+    ctx.spawn(async move {
+        let run = async {
+            loop {
+                tokio::time::sleep(pause).await;
+                let page = pagination::fetch_page::<C>(&db, query.clone(), limit, offset).await;
+                match page {
+                    Ok(page) => {
+                        let (count, limit) = (page.count as i64, page.limit as i64);
+                        if task_ctx
+                            .reply("list", rid.as_deref(), &page, 200)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        // DCRF's stop rule, on the values just sent.
+                        if offset as i64 >= count - limit {
+                            return;
+                        }
+                        offset += page.limit;
+                    }
+                    Err(e) => {
+                        let _ = task_ctx.send_error(&e, Some("list"), rid.as_deref()).await;
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = run => { token.cancel(); }
+        }
+    });
+    Ok(())
+}
+
+fn data_field<'a>(frame: &Frame<'a>) -> Result<&'a serde_json::value::RawValue, ApiError> {
+    frame
+        .field("data")
+        .ok_or_else(|| ApiError::field("data", "This field is required."))
+}
+
+async fn create<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<Reply<C::Output>, ApiError> {
+    let data = data_field(frame)?;
+    let input: C::Input = parse_input(data.get(), None)?;
+    c.validate(ctx, &input, None).await?;
+    let mut txn = c.db().begin().await?;
+    let object = c
+        .perform_create(ctx, &mut txn, input.into_active_model())
+        .await?;
+    txn.commit().await?;
+    Ok(Reply::created(C::Output::from(object)))
+}
+
+async fn update<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+    partial: bool,
+) -> Result<Reply<C::Output>, ApiError> {
+    let action = if partial { "patch" } else { "update" };
+    let data = data_field(frame)?;
+    // Validation runs before the transaction: it may read the database through the pool.
+    let current = get_object(c, ctx, frame, c.db().conn(), false).await?;
+    check_object(c, ctx, action, &current).await?;
+    // A partial update validates the object as it will be: current values, then `data`.
+    let base = if partial {
+        Some(serde_json::to_value(&current)?)
+    } else {
+        None
+    };
+    let input: C::Input = parse_input(data.get(), base)?;
+    c.validate(ctx, &input, Some(&current)).await?;
+    let mut txn = c.db().begin().await?;
+    // Re-read inside the transaction (locked on PostgreSQL): the row may have changed or gone.
+    let object = get_object(c, ctx, frame, txn.conn(), true).await?;
+    let present: Vec<String> =
+        match serde_json::from_str::<serde_json::Map<String, Value>>(data.get()) {
+            Ok(map) => map.into_iter().map(|(k, _)| k).collect(),
+            Err(_) => Vec::new(),
+        };
+    let changes: ActiveModelOf<C> = input.into_active_model();
+    let mut target: ActiveModelOf<C> = object.clone().into_active_model();
+    for column in <C::Entity as EntityTrait>::Column::iter() {
+        if !present.iter().any(|k| k == column.json_key()) {
+            continue;
+        }
+        if let sea_orm::ActiveValue::Set(v) = changes.get(column) {
+            target.set(column, v);
+        }
+    }
+    let saved = if !target.is_changed() {
+        object
+    } else if partial {
+        c.perform_patch(ctx, &mut txn, target).await?
+    } else {
+        c.perform_update(ctx, &mut txn, target).await?
+    };
+    txn.commit().await?;
+    Ok(Reply::ok(C::Output::from(saved)))
+}
+
+async fn delete<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<Reply<()>, ApiError> {
+    let mut txn = c.db().begin().await?;
+    let object = get_object(c, ctx, frame, txn.conn(), true).await?;
+    check_object(c, ctx, "delete", &object).await?;
+    c.perform_delete(ctx, &mut txn, object).await?;
+    txn.commit().await?;
+    Ok(Reply::no_content())
+}

@@ -1,0 +1,185 @@
+//! Limit/offset pagination, ordering and filters for `list`.
+
+use sea_orm::{
+    ColumnTrait, EntityTrait, Order, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
+};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{Db, ModelConsumer, column_named, json_to_value};
+use crate::error::ApiError;
+use crate::protocol::Frame;
+
+/// Limit/offset pagination (DCRF's `WebsocketLimitOffsetPagination`).
+///
+/// `list` then reads `limit` and `offset` from the message and answers
+/// `{"count": N, "results": [...], "limit": L, "offset": O}`. As in DCRF: numeric strings are
+/// accepted, a limit that is not a positive integer falls back to the default, a negative or
+/// unreadable offset becomes 0, the limit is capped at `max_limit`, and an offset past the end
+/// gives empty results. Where DCRF crashes (`limit: null`, no limit and no default) this
+/// answers 400.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitOffset {
+    /// The page size when the message has no (valid) `limit`.
+    pub default_limit: Option<u64>,
+    /// The largest page a client may ask for.
+    pub max_limit: Option<u64>,
+}
+
+impl LimitOffset {
+    /// A default page size and no cap.
+    pub fn new(default_limit: u64) -> Self {
+        LimitOffset {
+            default_limit: Some(default_limit),
+            max_limit: None,
+        }
+    }
+
+    /// Caps the page size.
+    pub fn max_limit(mut self, max: u64) -> Self {
+        self.max_limit = Some(max);
+        self
+    }
+
+    /// Reads `limit` and `offset` from a message.
+    pub fn limit_offset(&self, frame: &Frame<'_>) -> Result<(u64, u64), ApiError> {
+        let limit = match frame.field("limit") {
+            None => None,
+            Some(raw) => match positive_int(raw.get(), "limit")? {
+                Some(n) if n > 0 => Some(n),
+                _ => None,
+            },
+        };
+        let limit = limit
+            .or(self.default_limit)
+            .ok_or_else(|| ApiError::field("limit", "This field is required."))?;
+        let limit = match self.max_limit {
+            Some(max) => limit.min(max),
+            None => limit,
+        };
+        let offset = match frame.field("offset") {
+            None => 0,
+            Some(raw) => positive_int(raw.get(), "offset")?.unwrap_or(0),
+        };
+        Ok((limit, offset))
+    }
+}
+
+/// Python's `int(value)` as DCRF's `_positive_int` uses it: `Ok(None)` for values that fall
+/// back to a default (negative, unreadable); 400 for `null` and containers, where DCRF crashes.
+fn positive_int(raw: &str, field: &str) -> Result<Option<u64>, ApiError> {
+    let value: Value = serde_json::from_str(raw)?;
+    let n: Option<i64> = match &value {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f.trunc() as i64)),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        Value::Bool(b) => Some(i64::from(*b)),
+        Value::Null | Value::Array(_) | Value::Object(_) => {
+            return Err(ApiError::field(field, "A valid integer is required."));
+        }
+    };
+    Ok(n.and_then(|n| u64::try_from(n).ok()))
+}
+
+/// One page of a paginated list, in DCRF's key order.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    /// Rows matching the query.
+    pub count: u64,
+    /// This page's rows.
+    pub results: Vec<T>,
+    /// The page size used.
+    pub limit: u64,
+    /// The offset used.
+    pub offset: u64,
+}
+
+/// Counts, then fetches one page.
+pub(crate) async fn fetch_page<C: ModelConsumer>(
+    db: &Db,
+    query: Select<C::Entity>,
+    limit: u64,
+    offset: u64,
+) -> Result<Page<C::Output>, ApiError> {
+    let count = query.clone().count(db.conn()).await?;
+    let results = if count == 0 || offset > count {
+        Vec::new()
+    } else {
+        query
+            .offset(offset)
+            .limit(limit)
+            .all(db.conn())
+            .await?
+            .into_iter()
+            .map(C::Output::from)
+            .collect()
+    };
+    Ok(Page {
+        count,
+        results,
+        limit,
+        offset,
+    })
+}
+
+/// Applies `{"filters": {"field": value}}`: equality on allowed fields, `null` as `IS NULL`.
+pub(crate) fn apply_filters<E: EntityTrait>(
+    mut query: Select<E>,
+    frame: &Frame<'_>,
+    allowed: &[&str],
+) -> Result<Select<E>, ApiError> {
+    let Some(raw) = frame.field("filters") else {
+        return Ok(query);
+    };
+    let filters: serde_json::Map<String, Value> = serde_json::from_str(raw.get())
+        .map_err(|_| ApiError::field("filters", "Expected an object of field: value."))?;
+    for (name, value) in filters {
+        let column = allowed
+            .contains(&name.as_str())
+            .then(|| column_named::<E>(&name))
+            .flatten()
+            .ok_or_else(|| ApiError::field("filters", format!("Cannot filter by \"{name}\".")))?;
+        if value.is_null() {
+            query = query.filter(column.is_null());
+            continue;
+        }
+        let v = json_to_value(column, &value.to_string())
+            .ok_or_else(|| ApiError::field("filters", format!("Invalid value for \"{name}\".")))?;
+        query = query.filter(column.eq(v));
+    }
+    Ok(query)
+}
+
+/// Applies `{"ordering": "-title"}` / `["done", "-id"]` on allowed fields.
+pub(crate) fn apply_ordering<E: EntityTrait>(
+    mut query: Select<E>,
+    frame: &Frame<'_>,
+    allowed: &[&str],
+) -> Result<Select<E>, ApiError> {
+    let Some(raw) = frame.field("ordering") else {
+        return Ok(query);
+    };
+    let fields: Vec<String> = match serde_json::from_str::<Value>(raw.get())? {
+        Value::String(s) => s.split(',').map(|f| f.trim().to_owned()).collect(),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(ApiError::field("ordering", "Expected field names.")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::field("ordering", "Expected field names.")),
+    };
+    for field in fields.iter().filter(|f| !f.is_empty()) {
+        let (name, order) = match field.strip_prefix('-') {
+            Some(name) => (name, Order::Desc),
+            None => (field.as_str(), Order::Asc),
+        };
+        let column = allowed
+            .contains(&name)
+            .then(|| column_named::<E>(name))
+            .flatten()
+            .ok_or_else(|| ApiError::field("ordering", format!("Cannot order by \"{name}\".")))?;
+        query = query.order_by(column, order);
+    }
+    Ok(query)
+}
