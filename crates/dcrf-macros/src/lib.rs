@@ -96,7 +96,7 @@ fn type_name(ty: &Type) -> Option<String> {
 enum Param {
     Ctx { by_ref: bool },
     Frame,
-    Args(Type),
+    Args(Box<Type>),
 }
 
 fn classify(ty: &Type) -> Param {
@@ -104,7 +104,7 @@ fn classify(ty: &Type) -> Param {
     match type_name(ty).as_deref() {
         Some("Ctx") => Param::Ctx { by_ref },
         Some("Frame") if by_ref => Param::Frame,
-        _ => Param::Args(ty.clone()),
+        _ => Param::Args(Box::new(ty.clone())),
     }
 }
 
@@ -198,7 +198,7 @@ fn action_arm(spec: &ActionSpec, method: &ImplItemFn) -> syn::Result<proc_macro2
         ));
     }
     let args_ty = params.iter().find_map(|p| match p {
-        Param::Args(t) => Some(t.clone()),
+        Param::Args(t) => Some((**t).clone()),
         _ => None,
     });
 

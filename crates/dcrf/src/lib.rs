@@ -124,3 +124,8 @@ pub mod prelude {
     pub use crate::scope::{Scope, User};
     pub use crate::server::Dcrf;
 }
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -308,3 +308,68 @@ macro_rules! backend_tests {
         }
     )*};
 }
+
+/// A consumer driven without a socket: frames in, frames out, through the same dispatch as a
+/// real connection (for unit tests and benchmarks of the hot path).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use dcrf::prelude::*;
+/// use dcrf::testing::LocalConnection;
+///
+/// #[derive(Default)]
+/// struct Ping;
+/// #[dcrf::consumer]
+/// impl Ping {
+///     #[action]
+///     async fn ping(&mut self) -> Result<Reply<&'static str>, ApiError> { Ok(Reply::ok("pong")) }
+/// }
+/// impl Consumer for Ping {}
+///
+/// let mut conn = LocalConnection::new(Ping);
+/// conn.send(r#"{"action":"ping","request_id":1}"#).await;
+/// assert_eq!(
+///     conn.receive().unwrap(),
+///     r#"{"errors":[],"data":"pong","action":"ping","response_status":200,"request_id":1}"#
+/// );
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct LocalConnection<C> {
+    consumer: C,
+    ctx: crate::consumer::Ctx,
+    rx: tokio::sync::mpsc::Receiver<crate::consumer::Outbound>,
+    permissions: crate::permission::Permissions,
+}
+
+impl<C: crate::consumer::Consumer> LocalConnection<C> {
+    /// An anonymous connection with the consumer's (or the default) permissions.
+    pub fn new(consumer: C) -> Self {
+        Self::with_scope(consumer, crate::scope::Scope::default())
+    }
+
+    /// A connection with a given scope.
+    pub fn with_scope(consumer: C, scope: crate::scope::Scope) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let permissions = consumer.permissions().unwrap_or_default();
+        LocalConnection {
+            consumer,
+            ctx: crate::consumer::Ctx::new(scope, tx),
+            rx,
+            permissions,
+        }
+    }
+
+    /// Handles one inbound text frame to completion.
+    pub async fn send(&mut self, text: &str) {
+        crate::server::handle_text(&mut self.consumer, &self.ctx, &self.permissions, text).await;
+    }
+
+    /// The next outbound text frame, if one is queued.
+    pub fn receive(&mut self) -> Option<String> {
+        match self.rx.try_recv().ok()? {
+            crate::consumer::Outbound::Text(t) => Some(t.to_string()),
+            crate::consumer::Outbound::Close(_) => None,
+        }
+    }
+}

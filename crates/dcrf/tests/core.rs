@@ -180,7 +180,7 @@ impl Permission for Guard {
         action != "secret" && action != "nope_denied"
     }
     async fn can_connect(&self, scope: &Scope) -> bool {
-        scope.query.get("deny").is_none()
+        !scope.query.contains_key("deny")
     }
 }
 dcrf::impl_permission_ops!(Guard);

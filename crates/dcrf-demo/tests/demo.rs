@@ -1,0 +1,217 @@
+//! The demo server's endpoints over real sockets: `/ws/echo/` and `/ws/todos/`, in-process and
+//! as the built binary.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use dcrf::auth::JwtAuth;
+use dcrf::model::Db;
+use dcrf::testing::{TestClient, TestServer};
+use dcrf_demo::{DEFAULT_JWT_SECRET, DemoConfig};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+async fn demo(database: &str, seed: u64) -> TestServer {
+    let config = DemoConfig {
+        database: database.to_owned(),
+        seed,
+        ..DemoConfig::default()
+    };
+    let (router, app) = dcrf_demo::build(&config).await.unwrap();
+    TestServer::start(router, app).await
+}
+
+#[tokio::test]
+async fn echo_returns_all_other_fields_with_any_request_id() {
+    let s = demo("sqlite::memory:", 0).await;
+    let mut c = TestClient::connect(&s.url("/ws/echo/")).await.unwrap();
+    c.send_text(r#"{"action":"echo","request_id":{"client":"x","n":[1]},"text":"hi","n":1.5}"#)
+        .await;
+    assert_eq!(
+        c.receive_text().await,
+        r#"{"errors":[],"data":{"text":"hi","n":1.5},"action":"echo","response_status":200,"request_id":{"client":"x","n":[1]}}"#
+    );
+    assert_eq!(
+        c.request(json!({"action": "echo"})).await,
+        json!({"errors": [], "data": {}, "action": "echo", "response_status": 200, "request_id": null})
+    );
+    c.send_text("not json").await;
+    assert_eq!(
+        c.receive_json().await,
+        json!({"errors": ["Invalid JSON: expected ident"], "data": null, "action": null, "response_status": 400, "request_id": null})
+    );
+    assert_eq!(
+        c.request(json!({"action": "echo", "request_id": 2, "still": "alive"}))
+            .await["data"],
+        json!({"still": "alive"})
+    );
+}
+
+#[tokio::test]
+async fn whoami_is_null_anonymous_and_the_user_with_a_jwt() {
+    let s = demo("sqlite::memory:", 0).await;
+    let mut c = TestClient::connect(&s.url("/ws/echo/")).await.unwrap();
+    assert_eq!(
+        c.request(json!({"action": "whoami", "request_id": 1}))
+            .await,
+        json!({"errors": [], "data": null, "action": "whoami", "response_status": 200, "request_id": 1})
+    );
+    let token = JwtAuth::hs256(DEFAULT_JWT_SECRET.as_bytes())
+        .unwrap()
+        .issue("u1", "ada", 60)
+        .unwrap();
+    let mut req = s.url("/ws/echo/").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut c = TestClient::connect_request(req).await.unwrap();
+    assert_eq!(
+        c.request(json!({"action": "whoami", "request_id": 1}))
+            .await["data"],
+        json!({"id": "u1", "username": "ada"})
+    );
+    assert_eq!(
+        TestClient::refused_status(s.url("/ws/echo/?token=forged")).await,
+        Some(401)
+    );
+}
+
+dcrf::backend_tests!(todos_crud);
+
+async fn todos_crud(db: Db) {
+    // The demo's own consumer and table, on the test's database (SQLite or a PostgreSQL
+    // schema).
+    dcrf_demo::todos::setup(&db, 3).await.unwrap();
+    let app = dcrf::Dcrf::new();
+    let consumer_db = db.clone();
+    let router = axum::Router::new().route(
+        "/ws/todos/",
+        app.consumer(move || dcrf_demo::todos::Todos {
+            db: consumer_db.clone(),
+        }),
+    );
+    let s = TestServer::start(router, app).await;
+    let mut c = TestClient::connect(&s.url("/ws/todos/")).await.unwrap();
+    let todo = |id: i64, title: &str, done: bool, owner: &str| json!({"id": id, "title": title, "done": done, "owner": owner});
+    assert_eq!(
+        c.request(json!({"action": "list", "request_id": 1})).await,
+        json!({"errors": [], "data": {"count": 3, "results": [
+            todo(1, "Todo 1", false, ""), todo(2, "Todo 2", false, ""), todo(3, "Todo 3", false, "")
+        ], "limit": 100, "offset": 0}, "action": "list", "response_status": 200, "request_id": 1})
+    );
+    assert_eq!(
+        c.request(json!({"action": "create", "data": {"title": "Write tests"}, "request_id": 2}))
+            .await,
+        json!({"errors": [], "data": todo(4, "Write tests", false, ""), "action": "create", "response_status": 201, "request_id": 2})
+    );
+    assert_eq!(
+        c.request(json!({"action": "create", "data": {"title": "x".repeat(201)}, "request_id": 3}))
+            .await,
+        json!({"errors": [{"title": ["Ensure this field has no more than 200 characters."]}], "data": null, "action": "create", "response_status": 400, "request_id": 3})
+    );
+    assert_eq!(
+        c.request(json!({"action": "create", "data": {"done": true}, "request_id": 4}))
+            .await,
+        json!({"errors": [{"title": ["This field is required."]}], "data": null, "action": "create", "response_status": 400, "request_id": 4})
+    );
+    assert_eq!(
+        c.request(json!({"action": "retrieve", "pk": 4, "request_id": 5}))
+            .await["data"],
+        todo(4, "Write tests", false, "")
+    );
+    assert_eq!(
+        c.request(json!({"action": "patch", "pk": 4, "data": {"done": true}, "request_id": 6}))
+            .await["data"],
+        todo(4, "Write tests", true, "")
+    );
+    assert_eq!(
+        c.request(json!({"action": "update", "pk": 4, "data": {"title": "Tested", "owner": "ada"}, "request_id": 7}))
+            .await["data"],
+        todo(4, "Tested", true, "ada")
+    );
+    assert_eq!(
+        c.request(json!({"action": "list", "filters": {"done": true}, "ordering": "-id", "limit": 1, "request_id": 8}))
+            .await["data"],
+        json!({"count": 1, "results": [todo(4, "Tested", true, "ada")], "limit": 1, "offset": 0})
+    );
+    assert_eq!(
+        c.request(json!({"action": "delete", "pk": 4, "request_id": 9}))
+            .await,
+        json!({"errors": [], "data": null, "action": "delete", "response_status": 204, "request_id": 9})
+    );
+    assert_eq!(
+        c.request(json!({"action": "retrieve", "pk": 4, "request_id": 10}))
+            .await,
+        json!({"errors": ["Not found"], "data": null, "action": "retrieve", "response_status": 404, "request_id": 10})
+    );
+}
+
+#[tokio::test]
+async fn demo_database_url_and_seed() {
+    let s = demo("sqlite::memory:", 1000).await;
+    let mut c = TestClient::connect(&s.url("/ws/todos/")).await.unwrap();
+    let page = c
+        .request(json!({"action": "list", "limit": 100, "offset": 900, "request_id": 1}))
+        .await;
+    assert_eq!(page["data"]["count"], json!(1000));
+    assert_eq!(page["data"]["results"][99]["title"], json!("Todo 1000"));
+}
+
+/// The real binary: prints its address, serves, and exits cleanly on SIGTERM after closing
+/// sockets with 1001.
+#[tokio::test]
+async fn binary_starts_serves_and_shuts_down_gracefully() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dcrf-demo"))
+        .args([
+            "--bind",
+            "127.0.0.1:0",
+            "--database",
+            "sqlite::memory:",
+            "--seed",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first
+        .strip_prefix("dcrf-demo listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_owned();
+    let mut c = TestClient::connect(&format!("ws://{addr}/ws/todos/"))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.request(json!({"action": "retrieve", "pk": 2, "request_id": "r"}))
+            .await["data"]["title"],
+        json!("Todo 2")
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let close = c.receive_close().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    let exit = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap()
+    .expect("the server exits after SIGTERM");
+    assert!(exit.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(rest, vec!["dcrf-demo stopped".to_owned()]);
+}
