@@ -3,7 +3,9 @@
 //! Endpoints:
 //! - `/ws/echo/`: `echo` (returns every field but `action` and `request_id`) and `whoami`
 //!   (the user, or null);
-//! - `/ws/todos/`: the `todo` model: list (paginated), retrieve, create, update, patch, delete.
+//! - `/ws/todos/`: the `todo` model: list (paginated), retrieve, create, update, patch, delete,
+//!   subscribe_instance / unsubscribe_instance, subscribe_to_all / unsubscribe_from_all,
+//!   bulk_set_done.
 
 use dcrf::auth::JwtAuth;
 use dcrf::prelude::*;
@@ -24,6 +26,8 @@ pub struct DemoConfig {
     pub database: String,
     /// Todos to insert at start.
     pub seed: u64,
+    /// Channel layer: `memory` (one process) or `redis://host:port` (several).
+    pub layer: String,
 }
 
 /// The default database: a SQLite file in the working directory.
@@ -35,6 +39,7 @@ impl Default for DemoConfig {
             jwt_secret: DEFAULT_JWT_SECRET.to_owned(),
             database: DEFAULT_DATABASE.to_owned(),
             seed: 0,
+            layer: "memory".to_owned(),
         }
     }
 }
@@ -43,13 +48,14 @@ impl Default for DemoConfig {
 pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Error> {
     let auth = JwtAuth::hs256(config.jwt_secret.as_bytes())?;
     let app = Dcrf::new().authenticator(auth);
-    let db = dcrf::model::Db::connect(&config.database).await?;
+    let layer = dcrf::layer::Layer::from_url(&config.layer).await?;
+    let db = dcrf::model::Db::connect_with_layer(&config.database, layer).await?;
     todos::setup(&db, config.seed).await?;
     let router = axum::Router::new()
         .route("/ws/echo/", app.consumer(echo::Echo::default))
-        .route(
-            "/ws/todos/",
-            app.consumer(move || todos::Todos { db: db.clone() }),
-        );
+        .route("/ws/todos/", {
+            let todos = todos::Todos::new(&db);
+            app.consumer(move || todos.clone())
+        });
     Ok((router, app))
 }

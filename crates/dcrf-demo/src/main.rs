@@ -21,6 +21,10 @@ struct Args {
     /// or `postgres://user@host/db`.
     #[arg(long, env = "DCRF_DEMO_DATABASE", default_value = DEFAULT_DATABASE)]
     database: String,
+    /// Channel layer: `memory` (this process only) or `redis://host:port` (several servers
+    /// sharing subscriptions).
+    #[arg(long, env = "DCRF_DEMO_LAYER", default_value = "memory")]
+    layer: String,
     /// Insert this many todos at start ("Todo 1", "Todo 2", ...).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -38,6 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         jwt_secret: args.jwt_secret,
         database: args.database,
         seed: args.seed,
+        layer: args.layer,
     };
     let (router, app) = dcrf_demo::build(&config).await?;
     let listener = tokio::net::TcpListener::bind(&args.bind).await?;

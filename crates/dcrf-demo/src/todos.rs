@@ -1,8 +1,12 @@
 //! `/ws/todos/`: a model consumer over the `todo` table.
 
-use dcrf::model::{Db, LimitOffset, ModelConsumer};
+use std::sync::Arc;
+
+use dcrf::model::{Db, LimitOffset, ModelActions, ModelConsumer};
+use dcrf::observer::ModelObserver;
 use dcrf::prelude::*;
 use sea_orm::entity::prelude::*;
+use sea_orm::{Condition, sea_query::Expr};
 use serde::{Deserialize, Serialize};
 
 /// The `todo` table.
@@ -62,11 +66,54 @@ fn title_rules(value: &str, _: &()) -> garde::Result {
     Ok(())
 }
 
-/// list / retrieve / create / update / patch / delete over `todo`, open to anyone.
+/// list / retrieve / create / update / patch / delete over `todo`, instance subscriptions,
+/// subscriptions to every change, and a bulk update; open to anyone.
 #[derive(Debug, Clone)]
 pub struct Todos {
     /// The database.
     pub db: Db,
+    /// Every todo change, body = the todo.
+    pub all: Arc<ModelObserver<todo::Model>>,
+}
+
+impl Todos {
+    /// The consumer (cloned for each connection); registers its observers.
+    pub fn new(db: &Db) -> Todos {
+        Todos {
+            db: db.clone(),
+            all: all_todos(db),
+        }
+    }
+}
+
+/// The observer behind `subscribe_to_all`: one group, the whole todo as the body (for a
+/// delete, the todo as it was).
+pub fn all_todos(db: &Db) -> Arc<ModelObserver<todo::Model>> {
+    db.observe::<todo::Entity>("todos.all")
+        .serialize(|t: &todo::Model, _| serde_json::to_value(t).unwrap_or_default())
+}
+
+/// `bulk_set_done` arguments.
+#[derive(Debug, Deserialize)]
+pub struct BulkSetDone {
+    /// The todos to change.
+    pub ids: Vec<i32>,
+    /// The new value of `done`.
+    pub done: bool,
+}
+
+/// `{"updated": n}`.
+#[derive(Debug, Serialize)]
+pub struct Updated {
+    /// Rows changed.
+    pub updated: u64,
+}
+
+/// `{"subscribed": bool}`.
+#[derive(Debug, Serialize)]
+pub struct Subscribed {
+    /// Whether the connection now receives every change.
+    pub subscribed: bool,
 }
 
 impl ModelConsumer for Todos {
@@ -76,6 +123,10 @@ impl ModelConsumer for Todos {
 
     fn db(&self) -> &Db {
         &self.db
+    }
+
+    fn actions(&self) -> ModelActions {
+        ModelActions::ALL | ModelActions::SUBSCRIBE_INSTANCE
     }
 
     fn pagination(&self) -> Option<LimitOffset> {
@@ -92,7 +143,44 @@ impl ModelConsumer for Todos {
 }
 
 #[dcrf::consumer(model)]
-impl Todos {}
+impl Todos {
+    /// Every create, update and delete of any todo is pushed with this request's id:
+    /// `{"action": "create"|"update"|"delete", "request_id": <id>, "data": <todo>, ...}`.
+    #[action]
+    async fn subscribe_to_all(
+        &mut self,
+        ctx: &Ctx,
+        frame: &Frame<'_>,
+    ) -> Result<Reply<Subscribed>, ApiError> {
+        self.all.subscribe(ctx, "", frame.request_id());
+        Ok(Reply::created(Subscribed { subscribed: true }))
+    }
+
+    /// Stops the pushes of `subscribe_to_all` (for this request id, or all without one).
+    #[action]
+    async fn unsubscribe_from_all(
+        &mut self,
+        ctx: &Ctx,
+        frame: &Frame<'_>,
+    ) -> Result<Reply<Subscribed>, ApiError> {
+        self.all.unsubscribe(ctx, "", frame.request_id());
+        Ok(Reply::with_status(Subscribed { subscribed: false }, 204))
+    }
+
+    /// Sets `done` on many todos in one SQL statement; every changed todo is pushed.
+    #[action]
+    async fn bulk_set_done(&mut self, args: BulkSetDone) -> Result<Reply<Updated>, ApiError> {
+        let mut txn = self.db.begin().await?;
+        let updated = txn
+            .update_where::<todo::Entity>(
+                Condition::all().add(todo::Column::Id.is_in(args.ids)),
+                |u| u.col_expr(todo::Column::Done, Expr::value(args.done)),
+            )
+            .await?;
+        txn.commit().await?;
+        Ok(Reply::ok(Updated { updated }))
+    }
+}
 
 impl Consumer for Todos {
     fn permissions(&self) -> Option<Permissions> {

@@ -86,9 +86,7 @@ async fn todos_crud(db: Db) {
     let consumer_db = db.clone();
     let router = axum::Router::new().route(
         "/ws/todos/",
-        app.consumer(move || dcrf_demo::todos::Todos {
-            db: consumer_db.clone(),
-        }),
+        app.consumer(move || dcrf_demo::todos::Todos::new(&consumer_db)),
     );
     let s = TestServer::start(router, app).await;
     let mut c = TestClient::connect(&s.url("/ws/todos/")).await.unwrap();

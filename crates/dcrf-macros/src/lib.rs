@@ -151,6 +151,22 @@ fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2:
     } else {
         quote! { ::dcrf::Dispatched::Unknown }
     };
+    let handle_event = if args.model {
+        quote! {
+            if !::dcrf::model::handle_instance_event(self, ctx, event).await {
+                <Self as ::dcrf::Consumer>::on_event(self, ctx, event).await;
+            }
+        }
+    } else {
+        quote! { <Self as ::dcrf::Consumer>::on_event(self, ctx, event).await; }
+    };
+    let mounted = args.model.then(|| {
+        quote! {
+            fn mounted(&self) {
+                ::dcrf::model::register_observers(self);
+            }
+        }
+    });
 
     Ok(quote! {
         #block
@@ -170,6 +186,17 @@ fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2:
                     }
                 }
             }
+
+            #[allow(clippy::manual_async_fn)]
+            fn handle_event<'a>(
+                &'a mut self,
+                ctx: &'a ::dcrf::Ctx,
+                event: &'a ::dcrf::observer::Event<'a>,
+            ) -> impl ::std::future::Future<Output = ()> + Send + 'a {
+                async move { #handle_event }
+            }
+
+            #mounted
         }
     })
 }

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ApiError;
+use crate::layer::{GroupMessage, Member};
+use crate::observer::{Event, Subscriptions, default_push};
 use crate::permission::Permissions;
 use crate::protocol::{Envelope, Frame, encode_error};
 use crate::scope::{Scope, User};
@@ -60,6 +62,13 @@ pub trait Consumer: ActionTable {
         async { Ok(()) }
     }
 
+    /// Handles one event from a group this connection subscribed to (DCRF's observer handler
+    /// methods). Default: [`default_push`], one reply envelope per subscribing request id.
+    /// Match on [`Event::observer`] to treat observers differently.
+    fn on_event(&mut self, ctx: &Ctx, event: &Event<'_>) -> impl Future<Output = ()> + Send {
+        default_push(ctx, event)
+    }
+
     /// Runs once when the connection ends (client close, error or server shutdown), after
     /// detached tasks were cancelled.
     fn disconnect(&mut self, ctx: &Ctx) -> impl Future<Output = ()> + Send {
@@ -89,6 +98,18 @@ pub trait ActionTable: Send + Sized + 'static {
         action: &'a str,
         frame: &'a Frame<'a>,
     ) -> impl Future<Output = Dispatched> + Send + 'a;
+
+    /// Handles an event from a subscribed group: built-in subscriptions first (model instance
+    /// pushes), then [`Consumer::on_event`].
+    fn handle_event<'a>(
+        &'a mut self,
+        ctx: &'a Ctx,
+        event: &'a Event<'a>,
+    ) -> impl Future<Output = ()> + Send + 'a;
+
+    /// Called once when the consumer is mounted on a route, with one instance from its factory
+    /// (model consumers register their observers here).
+    fn mounted(&self) {}
 }
 
 /// A successful action's answer: `data` and a `response_status`.
@@ -191,6 +212,10 @@ struct CtxInner {
     tasks: TaskTracker,
     cancel: CancellationToken,
     extensions: std::sync::Mutex<axum::http::Extensions>,
+    inbox: mpsc::Sender<Arc<GroupMessage>>,
+    kick: CancellationToken,
+    subscriptions: Subscriptions,
+    permissions: Permissions,
 }
 
 /// The connection is gone; nothing more can be sent.
@@ -199,7 +224,12 @@ struct CtxInner {
 pub struct Closed;
 
 impl Ctx {
-    pub(crate) fn new(scope: Scope, out: mpsc::Sender<Outbound>) -> Self {
+    pub(crate) fn new(
+        scope: Scope,
+        out: mpsc::Sender<Outbound>,
+        inbox: mpsc::Sender<Arc<GroupMessage>>,
+        permissions: Permissions,
+    ) -> Self {
         Ctx {
             inner: Arc::new(CtxInner {
                 id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
@@ -208,8 +238,36 @@ impl Ctx {
                 tasks: TaskTracker::new(),
                 cancel: CancellationToken::new(),
                 extensions: Default::default(),
+                inbox,
+                kick: CancellationToken::new(),
+                subscriptions: Subscriptions::default(),
+                permissions,
             }),
         }
+    }
+
+    /// This connection as a channel-layer member.
+    pub(crate) fn member(&self) -> Member {
+        Member {
+            id: self.inner.id,
+            inbox: self.inner.inbox.clone(),
+            kick: self.inner.kick.clone(),
+        }
+    }
+
+    /// The permissions in force on this connection.
+    pub(crate) fn permissions(&self) -> &Permissions {
+        &self.inner.permissions
+    }
+
+    /// The connection's subscriptions.
+    pub(crate) fn subscriptions(&self) -> &Subscriptions {
+        &self.inner.subscriptions
+    }
+
+    /// Cancelled when the layer found this connection too slow for its events.
+    pub(crate) fn kicked(&self) -> &CancellationToken {
+        &self.inner.kick
     }
 
     /// A process-unique number for this connection (for logs and channel-layer names).

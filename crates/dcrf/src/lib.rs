@@ -47,7 +47,9 @@
 pub mod auth;
 pub mod consumer;
 pub mod error;
+pub mod layer;
 pub mod model;
+pub mod observer;
 pub mod permission;
 pub mod protocol;
 pub mod scope;

@@ -51,6 +51,8 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, NoAuth, query_pairs};
 use crate::consumer::{Consumer, Ctx, Dispatched, Outbound, catch_panic};
 use crate::error::ApiError;
+use crate::layer::GroupMessage;
+use crate::observer::Event;
 use crate::permission::{Permission, Permissions};
 use crate::protocol::Frame;
 use crate::scope::{Scope, parse_cookies};
@@ -77,6 +79,7 @@ pub struct Dcrf {
     permissions: Permissions,
     max_message_size: usize,
     outbound_queue: usize,
+    event_queue: usize,
     allowed_origins: Option<Arc<[String]>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -102,6 +105,8 @@ impl Default for Dcrf {
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
 /// The default outbound queue length, in frames, per connection.
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
+/// The default event queue length, in group messages, per connection.
+pub const DEFAULT_EVENT_QUEUE: usize = 1024;
 
 impl Dcrf {
     /// Anonymous users, [`AllowAny`](crate::permission::AllowAny), 1 MiB messages, a queue of 256
@@ -112,6 +117,7 @@ impl Dcrf {
             permissions: Permissions::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+            event_queue: DEFAULT_EVENT_QUEUE,
             allowed_origins: None,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
@@ -140,6 +146,14 @@ impl Dcrf {
     /// replies wait, which stops the connection reading: backpressure, not buffering.
     pub fn outbound_queue(mut self, frames: usize) -> Self {
         self.outbound_queue = frames.max(1);
+        self
+    }
+
+    /// How many subscription events may wait for one connection. When a connection falls this
+    /// far behind, it is closed with code 1013 (Try Again Later) instead of buffering more:
+    /// memory per connection stays bounded and other subscribers are not delayed.
+    pub fn event_queue(mut self, events: usize) -> Self {
+        self.event_queue = events.max(1);
         self
     }
 
@@ -175,6 +189,7 @@ impl Dcrf {
         F: Fn() -> C + Clone + Send + Sync + 'static,
         S: Clone + Send + Sync + 'static,
     {
+        factory().mounted();
         let app = self.clone();
         axum::routing::get(move |req: Request| {
             let app = app.clone();
@@ -231,7 +246,8 @@ impl Dcrf {
             return (StatusCode::FORBIDDEN, "connection refused").into_response();
         }
         let (tx, rx) = mpsc::channel(self.outbound_queue);
-        let ctx = Ctx::new(scope, tx);
+        let (inbox_tx, inbox) = mpsc::channel(self.event_queue);
+        let ctx = Ctx::new(scope, tx, inbox_tx, permissions.clone());
         match catch_panic(consumer.connect(&ctx)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) | Err(e) => {
@@ -250,8 +266,7 @@ impl Dcrf {
                 tracker.track_future(run_connection(
                     socket,
                     consumer,
-                    ctx,
-                    rx,
+                    Channels { ctx, rx, inbox },
                     permissions,
                     shutdown,
                 ))
@@ -310,14 +325,21 @@ where
     Ok(())
 }
 
+/// A connection's context and the receiving ends of its queues.
+struct Channels {
+    ctx: Ctx,
+    rx: mpsc::Receiver<Outbound>,
+    inbox: mpsc::Receiver<Arc<GroupMessage>>,
+}
+
 async fn run_connection<C: Consumer>(
     socket: WebSocket,
     mut consumer: C,
-    ctx: Ctx,
-    rx: mpsc::Receiver<Outbound>,
+    channels: Channels,
     permissions: Permissions,
     shutdown: CancellationToken,
 ) {
+    let Channels { ctx, rx, mut inbox } = channels;
     let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write_loop(sink, rx));
     tracing::debug!(connection = ctx.connection_id(), path = %ctx.scope().path, "connected");
@@ -327,6 +349,14 @@ async fn run_connection<C: Consumer>(
             _ = shutdown.cancelled() => {
                 ctx.close(1001, "server shutting down").await;
                 break;
+            }
+            _ = ctx.kicked().cancelled() => {
+                ctx.close(1013, "too slow: subscription events dropped").await;
+                break;
+            }
+            Some(event) = inbox.recv() => {
+                handle_event(&mut consumer, &ctx, &event).await;
+                continue;
             }
             message = stream.next() => message,
         };
@@ -350,6 +380,7 @@ async fn run_connection<C: Consumer>(
             }
         }
     }
+    ctx.subscriptions().leave_all(ctx.connection_id());
     ctx.cancel_tasks().await;
     consumer.disconnect(&ctx).await;
     ctx.close(1000, "").await;
@@ -388,6 +419,20 @@ async fn write_loop(
         if sink.flush().await.is_err() {
             return;
         }
+    }
+}
+
+/// Runs a consumer's handler for one group message, if the connection is still subscribed.
+pub(crate) async fn handle_event<C: Consumer>(consumer: &mut C, ctx: &Ctx, message: &GroupMessage) {
+    let Some(request_ids) = ctx.subscriptions().request_ids(&message.group) else {
+        return;
+    };
+    let event = Event {
+        message,
+        request_ids: &request_ids,
+    };
+    if let Err(e) = catch_panic(consumer.handle_event(ctx, &event)).await {
+        tracing::error!(connection = ctx.connection_id(), observer = %message.observer, error = %e, "event handler failed");
     }
 }
 

@@ -339,6 +339,7 @@ pub struct LocalConnection<C> {
     consumer: C,
     ctx: crate::consumer::Ctx,
     rx: tokio::sync::mpsc::Receiver<crate::consumer::Outbound>,
+    inbox: tokio::sync::mpsc::Receiver<std::sync::Arc<crate::layer::GroupMessage>>,
     permissions: crate::permission::Permissions,
 }
 
@@ -351,11 +352,13 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
     /// A connection with a given scope.
     pub fn with_scope(consumer: C, scope: crate::scope::Scope) -> Self {
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (inbox_tx, inbox) = tokio::sync::mpsc::channel(1024);
         let permissions = consumer.permissions().unwrap_or_default();
         LocalConnection {
             consumer,
-            ctx: crate::consumer::Ctx::new(scope, tx),
+            ctx: crate::consumer::Ctx::new(scope, tx, inbox_tx, permissions.clone()),
             rx,
+            inbox,
             permissions,
         }
     }
@@ -363,6 +366,13 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
     /// Handles one inbound text frame to completion.
     pub async fn send(&mut self, text: &str) {
         crate::server::handle_text(&mut self.consumer, &self.ctx, &self.permissions, text).await;
+    }
+
+    /// Runs the handler of every subscription event queued for this connection.
+    pub async fn process_events(&mut self) {
+        while let Ok(message) = self.inbox.try_recv() {
+            crate::server::handle_event(&mut self.consumer, &self.ctx, &message).await;
+        }
     }
 
     /// The next outbound text frame, if one is queued.

@@ -75,22 +75,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sea_orm::{
-    ActiveModelBehavior, ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
-    IntoActiveModel, Iterable, Order, PrimaryKeyToColumn, QueryFilter, QueryOrder, QuerySelect,
-    Select,
+    ActiveModelBehavior, ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, EntityName,
+    EntityTrait, IntoActiveModel, Iterable, Order, PrimaryKeyToColumn, QueryFilter, QueryOrder,
+    QuerySelect, Select,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-pub use db::{Db, Txn};
+pub use db::{ChangeKind, Db, Txn};
 pub use lookup::{column_named, json_to_value, primary_key_column};
 pub use pagination::{LimitOffset, Page};
 pub use validation::{ValidationErrors, parse_input};
 
 use crate::consumer::{Ctx, Dispatched, Reply};
 use crate::error::ApiError;
+use crate::observer::ModelObserver;
 use crate::protocol::Frame;
 
 /// The model of a consumer's entity.
@@ -102,7 +103,12 @@ pub type ActiveModelOf<C> = <<C as ModelConsumer>::Entity as EntityTrait>::Activ
 /// sent between tasks. Implemented for every entity that qualifies.
 pub trait ModelEntity:
     EntityTrait<
-        Model: Serialize + Send + Sync + IntoActiveModel<<Self as EntityTrait>::ActiveModel>,
+        Model: Serialize
+                   + DeserializeOwned
+                   + Send
+                   + Sync
+                   + 'static
+                   + IntoActiveModel<<Self as EntityTrait>::ActiveModel>,
         ActiveModel: ActiveModelBehavior + Send + Sync,
     >
 {
@@ -110,7 +116,12 @@ pub trait ModelEntity:
 
 impl<E> ModelEntity for E where
     E: EntityTrait<
-            Model: Serialize + Send + Sync + IntoActiveModel<<E as EntityTrait>::ActiveModel>,
+            Model: Serialize
+                       + DeserializeOwned
+                       + Send
+                       + Sync
+                       + 'static
+                       + IntoActiveModel<<E as EntityTrait>::ActiveModel>,
             ActiveModel: ActiveModelBehavior + Send + Sync,
         >
 {
@@ -140,9 +151,11 @@ impl ModelActions {
     pub const PATCH: Self = Self(16);
     /// `delete`.
     pub const DELETE: Self = Self(32);
+    /// `subscribe_instance` and `unsubscribe_instance` (DCRF's `ObserverModelInstanceMixin`).
+    pub const SUBSCRIBE_INSTANCE: Self = Self(64);
     /// `list` and `retrieve`.
     pub const READ_ONLY: Self = Self(1 | 2);
-    /// All six.
+    /// The six CRUD actions.
     pub const ALL: Self = Self(63);
     /// None (a consumer of custom actions over a model).
     pub const NONE: Self = Self(0);
@@ -229,8 +242,17 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
         Ok(query)
     }
 
-    /// May this connection run `action` on this object? Checked by retrieve, update, patch
-    /// and delete after the object is found; `false` answers 403. Default: yes.
+    /// Is this object in this connection's queryset? Instance pushes for objects outside it are
+    /// 404 frames, as in DCRF. Keep it consistent with [`get_queryset`](Self::get_queryset);
+    /// it runs in memory on the changed object, so a push costs no database read. Default: yes.
+    fn in_queryset(&self, ctx: &Ctx, object: &ModelOf<Self>) -> impl Future<Output = bool> + Send {
+        let _ = (ctx, object);
+        async { true }
+    }
+
+    /// May this connection run `action` on this object? Checked by retrieve, update, patch,
+    /// delete and subscribe_instance after the object is found (`false` answers 403), and
+    /// before each instance push (`false` sends nothing). Default: yes.
     fn has_object_permission(
         &self,
         ctx: &Ctx,
@@ -350,6 +372,14 @@ pub async fn dispatch_model<C: ModelConsumer>(
         }
         "delete" if actions.contains(ModelActions::DELETE) => {
             ctx.finish(action, rid, delete(c, ctx, frame).await).await;
+        }
+        "subscribe_instance" if actions.contains(ModelActions::SUBSCRIBE_INSTANCE) => {
+            ctx.finish(action, rid, subscribe_instance(c, ctx, frame).await)
+                .await;
+        }
+        "unsubscribe_instance" if actions.contains(ModelActions::SUBSCRIBE_INSTANCE) => {
+            ctx.finish(action, rid, unsubscribe_instance(c, ctx, frame).await)
+                .await;
         }
         _ => return Dispatched::Unknown,
     }
@@ -602,4 +632,145 @@ async fn delete<C: ModelConsumer>(
     c.perform_delete(ctx, &mut txn, object).await?;
     txn.commit().await?;
     Ok(Reply::no_content())
+}
+
+/// The id of a model consumer's instance observer: its table and its type, so two consumers of
+/// one model push their own representations (DCRF partitions per consumer class).
+fn instance_observer_id<C: ModelConsumer>() -> String {
+    format!(
+        "{}.instance.{}",
+        <C::Entity as Default>::default().table_name(),
+        std::any::type_name::<C>()
+    )
+}
+
+/// The instance observer of a model consumer: one group per object (keyed by primary key),
+/// body = the consumer's `Output` (create, update) or `{"pk": pk}` (delete), serialized once
+/// per event.
+fn instance_observer<C: ModelConsumer>(c: &C) -> Arc<ModelObserver<ModelOf<C>>> {
+    let id = instance_observer_id::<C>();
+    if let Some(existing) = c.db().observer::<ModelOf<C>>(&id) {
+        return existing;
+    }
+    c.db()
+        .observe::<C::Entity>(&id)
+        .group_by(|m: &ModelOf<C>| vec![db::pk_json::<C::Entity>(m).to_string()])
+        .serialize(|m: &ModelOf<C>, kind| {
+            if kind == ChangeKind::Delete {
+                serde_json::json!({ "pk": db::pk_json::<C::Entity>(m) })
+            } else {
+                serde_json::to_value(C::Output::from(m.clone())).unwrap_or(Value::Null)
+            }
+        })
+}
+
+/// Registers a model consumer's observers on its database (called when it is mounted).
+pub fn register_observers<C: ModelConsumer>(c: &C) {
+    if c.actions().contains(ModelActions::SUBSCRIBE_INSTANCE) {
+        instance_observer(c);
+    }
+}
+
+fn subscription_request_id<'a>(
+    frame: &Frame<'a>,
+) -> Result<&'a serde_json::value::RawValue, ApiError> {
+    frame
+        .request_id()
+        .filter(|r| r.get() != "null")
+        .ok_or_else(|| ApiError::bad_request("A request_id is required: pushes carry it."))
+}
+
+async fn subscribe_instance<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<Reply<()>, ApiError> {
+    let rid = subscription_request_id(frame)?;
+    let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
+    check_object(c, ctx, "subscribe_instance", &object).await?;
+    let key = db::pk_json::<C::Entity>(&object).to_string();
+    instance_observer(c).subscribe(ctx, &key, Some(rid));
+    Ok(Reply::with_status((), 201))
+}
+
+async fn unsubscribe_instance<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<Reply<()>, ApiError> {
+    let observer = instance_observer(c);
+    match frame.request_id().filter(|r| r.get() != "null") {
+        // As DCRF: the id leaves every instance group of this consumer.
+        Some(rid) => observer.observer().unsubscribe_request(ctx, rid),
+        None => {
+            let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
+            let key = db::pk_json::<C::Entity>(&object).to_string();
+            observer.unsubscribe(ctx, &key, None);
+        }
+    }
+    Ok(Reply::no_content())
+}
+
+/// Pushes a model consumer's instance events (DCRF's `handle_instance_change`); returns false
+/// for events of other observers.
+///
+/// Per subscribing request id: `update`/`create` with the serialized object (200), `delete`
+/// with `{"pk": pk}` (204). A push the consumer's permissions deny, or
+/// [`has_object_permission`](ModelConsumer::has_object_permission) refuses, sends nothing
+/// (DCRF sent a 403 and then the data anyway); an object no longer
+/// [`in_queryset`](ModelConsumer::in_queryset) is a 404 frame.
+pub async fn handle_instance_event<C: ModelConsumer>(
+    c: &mut C,
+    ctx: &Ctx,
+    event: &crate::observer::Event<'_>,
+) -> bool {
+    let c: &C = c;
+    if !c.actions().contains(ModelActions::SUBSCRIBE_INSTANCE)
+        || event.observer() != instance_observer_id::<C>()
+    {
+        return false;
+    }
+    let action = event.action();
+    // DCRF checks the consumer's permissions for the push as for an action on that pk.
+    let pk = event
+        .message
+        .group
+        .split_once(':')
+        .map(|(_, pk)| pk)
+        .unwrap_or("null");
+    let text = format!("{{\"pk\":{pk}}}");
+    let allowed = match Frame::parse(&text) {
+        Ok(frame) => {
+            ctx.permissions()
+                .has_permission(ctx.scope(), action, &frame)
+                .await
+        }
+        Err(_) => false,
+    };
+    if !allowed {
+        return true;
+    }
+    if action == ChangeKind::Delete.as_str() {
+        for rid in event.request_ids {
+            let _ = ctx.reply(action, Some(rid), event.body(), 204).await;
+        }
+        return true;
+    }
+    if let Some(object) = event.object::<ModelOf<C>>() {
+        if !c.has_object_permission(ctx, "retrieve", object).await {
+            return true;
+        }
+        if !c.in_queryset(ctx, object).await {
+            for rid in event.request_ids {
+                let _ = ctx
+                    .send_error(&ApiError::not_found(), Some(action), Some(rid))
+                    .await;
+            }
+            return true;
+        }
+    }
+    for rid in event.request_ids {
+        let _ = ctx.reply(action, Some(rid), event.body(), 200).await;
+    }
+    true
 }
