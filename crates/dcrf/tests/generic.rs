@@ -8,59 +8,13 @@ use std::time::Duration;
 use dcrf::model::{Db, LimitOffset, ModelActions, ModelConsumer, ValidationErrors, get_object};
 use dcrf::prelude::*;
 use dcrf::testing::{TestClient, TestServer};
+use sea_orm::QueryOrder;
 use sea_orm::entity::prelude::*;
-use sea_orm::{ActiveValue::Set, QueryOrder};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-mod user {
-    use sea_orm::entity::prelude::*;
-    use serde::{Deserialize, Serialize};
+mod common;
 
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize)]
-    #[sea_orm(table_name = "auth_user")]
-    pub struct Model {
-        #[sea_orm(primary_key)]
-        pub id: i32,
-        #[sea_orm(unique)]
-        pub username: String,
-        pub email: String,
-    }
-
-    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
-
-    impl ActiveModelBehavior for ActiveModel {}
-}
-
-#[derive(Debug, Deserialize, garde::Validate, DeriveIntoActiveModel)]
-#[sea_orm(active_model = "user::ActiveModel")]
-struct UserInput {
-    #[garde(custom(username_rules))]
-    username: String,
-    #[garde(custom(email_rules))]
-    #[serde(default)]
-    email: String,
-}
-
-fn username_rules(v: &str, _: &()) -> garde::Result {
-    if v.is_empty() {
-        return Err(garde::Error::new("This field may not be blank."));
-    }
-    if v.len() > 150 {
-        return Err(garde::Error::new(
-            "Ensure this field has no more than 150 characters.",
-        ));
-    }
-    Ok(())
-}
-
-fn email_rules(v: &str, _: &()) -> garde::Result {
-    if !v.is_empty() && !v.contains('@') {
-        return Err(garde::Error::new("Enter a valid email address."));
-    }
-    Ok(())
-}
+use common::{UserInput, add_user, user};
 
 /// Which flavour of consumer a route serves.
 #[derive(Clone, Copy, PartialEq)]
@@ -194,17 +148,6 @@ async fn serve(db: &Db) -> TestServer {
 
 async fn connect(s: &TestServer, path: &str) -> TestClient {
     TestClient::connect(&s.url(path)).await.unwrap()
-}
-
-async fn add_user(db: &Db, username: &str, email: &str) -> user::Model {
-    user::ActiveModel {
-        username: Set(username.into()),
-        email: Set(email.into()),
-        ..Default::default()
-    }
-    .insert(db.conn())
-    .await
-    .unwrap()
 }
 
 async fn users(db: &Db) -> Vec<user::Model> {

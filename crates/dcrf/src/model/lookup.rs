@@ -26,30 +26,33 @@ pub fn column_named<E: EntityTrait>(name: &str) -> Option<E::Column> {
 pub fn json_to_value<C: ColumnTrait>(column: C, raw: &str) -> Option<Value> {
     let json: serde_json::Value = serde_json::from_str(raw).ok()?;
     let def = column.def();
+    // The value must have the column's exact type: PostgreSQL binds parameters by type, and a
+    // cached statement prepared for an INT4 parameter cannot take an INT8.
+    let integer = || -> Option<i64> {
+        match &json {
+            serde_json::Value::Number(n) => n.as_i64(),
+            serde_json::Value::String(s) => s.trim().parse::<i64>().ok(),
+            _ => None,
+        }
+    };
+    let float = || -> Option<f64> {
+        match &json {
+            serde_json::Value::Number(n) => n.as_f64(),
+            serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        }
+    };
     match def.get_column_type() {
-        ColumnType::TinyInteger
-        | ColumnType::SmallInteger
-        | ColumnType::Integer
-        | ColumnType::BigInteger
-        | ColumnType::TinyUnsigned
-        | ColumnType::SmallUnsigned
-        | ColumnType::Unsigned
-        | ColumnType::BigUnsigned => {
-            let n = match &json {
-                serde_json::Value::Number(n) => n.as_i64()?,
-                serde_json::Value::String(s) => s.trim().parse::<i64>().ok()?,
-                _ => return None,
-            };
-            Some(Value::BigInt(Some(n)))
-        }
-        ColumnType::Float | ColumnType::Double | ColumnType::Decimal(_) => {
-            let n = match &json {
-                serde_json::Value::Number(n) => n.as_f64()?,
-                serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
-                _ => return None,
-            };
-            Some(Value::Double(Some(n)))
-        }
+        ColumnType::TinyInteger => Some(Value::TinyInt(Some(integer()?.try_into().ok()?))),
+        ColumnType::SmallInteger => Some(Value::SmallInt(Some(integer()?.try_into().ok()?))),
+        ColumnType::Integer => Some(Value::Int(Some(integer()?.try_into().ok()?))),
+        ColumnType::BigInteger => Some(Value::BigInt(Some(integer()?))),
+        ColumnType::TinyUnsigned => Some(Value::TinyUnsigned(Some(integer()?.try_into().ok()?))),
+        ColumnType::SmallUnsigned => Some(Value::SmallUnsigned(Some(integer()?.try_into().ok()?))),
+        ColumnType::Unsigned => Some(Value::Unsigned(Some(integer()?.try_into().ok()?))),
+        ColumnType::BigUnsigned => Some(Value::BigUnsigned(Some(integer()?.try_into().ok()?))),
+        ColumnType::Float => Some(Value::Float(Some(float()? as f32))),
+        ColumnType::Double | ColumnType::Decimal(_) => Some(Value::Double(Some(float()?))),
         ColumnType::Boolean => match &json {
             serde_json::Value::Bool(b) => Some(Value::Bool(Some(*b))),
             _ => None,

@@ -730,13 +730,15 @@ pub async fn handle_instance_event<C: ModelConsumer>(
     {
         return false;
     }
+    let c: &C = c;
     let action = event.action();
     // DCRF checks the consumer's permissions for the push as for an action on that pk.
+    let id = instance_observer_id::<C>();
     let pk = event
         .message
         .group
-        .split_once(':')
-        .map(|(_, pk)| pk)
+        .strip_prefix(id.as_str())
+        .and_then(|rest| rest.strip_prefix(':'))
         .unwrap_or("null");
     let text = format!("{{\"pk\":{pk}}}");
     let allowed = match Frame::parse(&text) {
