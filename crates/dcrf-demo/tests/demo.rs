@@ -213,3 +213,97 @@ async fn binary_starts_serves_and_shuts_down_gracefully() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert_eq!(rest, vec!["dcrf-demo stopped".to_owned()]);
 }
+
+dcrf::backend_tests!(todos_subscriptions);
+
+async fn todos_subscriptions(db: Db) {
+    dcrf_demo::todos::setup(&db, 2).await.unwrap();
+    let app = dcrf::Dcrf::new();
+    let todos = dcrf_demo::todos::Todos::new(&db);
+    let router = axum::Router::new().route("/ws/todos/", app.consumer(move || todos.clone()));
+    let s = TestServer::start(router, app).await;
+    let mut sub = TestClient::connect(&s.url("/ws/todos/")).await.unwrap();
+    let mut writer = TestClient::connect(&s.url("/ws/todos/")).await.unwrap();
+    assert_eq!(
+        sub.request(json!({"action": "subscribe_instance", "pk": 1, "request_id": "i"}))
+            .await,
+        json!({"errors": [], "data": null, "action": "subscribe_instance", "response_status": 201, "request_id": "i"})
+    );
+    assert_eq!(
+        sub.request(json!({"action": "subscribe_to_all", "request_id": "a"}))
+            .await,
+        json!({"errors": [], "data": {"subscribed": true}, "action": "subscribe_to_all", "response_status": 201, "request_id": "a"})
+    );
+    // A change to todo 1: the instance push and the all-changes push.
+    writer
+        .request(json!({"action": "patch", "pk": 1, "data": {"title": "Renamed"}, "request_id": 1}))
+        .await;
+    let todo1 = json!({"id": 1, "title": "Renamed", "done": false, "owner": ""});
+    let mut updates = vec![sub.receive_json().await, sub.receive_json().await];
+    updates.sort_by_key(|p| p["request_id"].to_string());
+    assert_eq!(
+        updates,
+        vec![
+            json!({"errors": [], "data": todo1, "action": "update", "response_status": 200, "request_id": "a"}),
+            json!({"errors": [], "data": todo1, "action": "update", "response_status": 200, "request_id": "i"}),
+        ]
+    );
+    // A create reaches only subscribe_to_all.
+    writer
+        .request(json!({"action": "create", "data": {"title": "New"}, "request_id": 2}))
+        .await;
+    assert_eq!(
+        sub.receive_json().await,
+        json!({"errors": [], "data": {"id": 3, "title": "New", "done": false, "owner": ""}, "action": "create", "response_status": 200, "request_id": "a"})
+    );
+    // One SQL statement, three rows: three pushes (plus the instance push for todo 1).
+    assert_eq!(
+        writer
+            .request(
+                json!({"action": "bulk_set_done", "ids": [1, 2, 3], "done": true, "request_id": 3})
+            )
+            .await,
+        json!({"errors": [], "data": {"updated": 3}, "action": "bulk_set_done", "response_status": 200, "request_id": 3})
+    );
+    let mut pushes = Vec::new();
+    for _ in 0..4 {
+        let p = sub.receive_json().await;
+        assert_eq!(p["data"]["done"], json!(true));
+        pushes.push((
+            p["request_id"].as_str().unwrap().to_owned(),
+            p["data"]["id"].as_i64().unwrap(),
+        ));
+    }
+    pushes.sort();
+    assert_eq!(
+        pushes,
+        vec![
+            ("a".into(), 1),
+            ("a".into(), 2),
+            ("a".into(), 3),
+            ("i".into(), 1)
+        ]
+    );
+    // Delete: the instance push carries {"pk"} with 204, the all-changes push the old todo.
+    writer
+        .request(json!({"action": "delete", "pk": 1, "request_id": 4}))
+        .await;
+    let mut deletes = vec![sub.receive_json().await, sub.receive_json().await];
+    deletes.sort_by_key(|p| p["request_id"].to_string());
+    assert_eq!(
+        deletes,
+        vec![
+            json!({"errors": [], "data": {"id": 1, "title": "Renamed", "done": true, "owner": ""}, "action": "delete", "response_status": 200, "request_id": "a"}),
+            json!({"errors": [], "data": {"pk": 1}, "action": "delete", "response_status": 204, "request_id": "i"}),
+        ]
+    );
+    assert_eq!(
+        sub.request(json!({"action": "unsubscribe_from_all", "request_id": "a"}))
+            .await,
+        json!({"errors": [], "data": {"subscribed": false}, "action": "unsubscribe_from_all", "response_status": 204, "request_id": "a"})
+    );
+    writer
+        .request(json!({"action": "patch", "pk": 2, "data": {"done": false}, "request_id": 5}))
+        .await;
+    sub.receive_nothing().await;
+}

@@ -121,11 +121,9 @@ impl Layer {
                 redis: Some(transport),
             }),
         };
-        layer
-            .inner
-            .redis
-            .as_ref()
-            .map(|r| r.start(Arc::downgrade(&layer.inner)));
+        if let Some(redis) = &layer.inner.redis {
+            redis.start(Arc::downgrade(&layer.inner));
+        }
         Ok(layer)
     }
 

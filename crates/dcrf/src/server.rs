@@ -341,51 +341,67 @@ async fn run_connection<C: Consumer>(
 ) {
     let Channels { ctx, rx, mut inbox } = channels;
     let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, rx));
+    let mut writer = tokio::spawn(write_loop(sink, rx));
+    let kicked = ctx.kicked().clone();
     tracing::debug!(connection = ctx.connection_id(), path = %ctx.scope().path, "connected");
-    loop {
-        let message = tokio::select! {
+    // The close frame to send when the loop ends, if any.
+    let close: Option<(u16, &str)> = loop {
+        let work = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
-                ctx.close(1001, "server shutting down").await;
-                break;
-            }
-            _ = ctx.kicked().cancelled() => {
-                ctx.close(1013, "too slow: subscription events dropped").await;
-                break;
-            }
-            Some(event) = inbox.recv() => {
-                handle_event(&mut consumer, &ctx, &event).await;
-                continue;
-            }
-            message = stream.next() => message,
+            _ = shutdown.cancelled() => break Some((1001, "server shutting down")),
+            _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
+            Some(event) = inbox.recv() => Work::Event(event),
+            message = stream.next() => Work::Frame(message),
         };
-        match message {
-            Some(Ok(Message::Text(text))) => {
-                handle_text(&mut consumer, &ctx, &permissions, &text).await;
-            }
-            Some(Ok(Message::Binary(_))) => {
-                let err = ApiError::bad_request(
-                    "Binary frames are not supported; send JSON text frames.",
-                );
-                let _ = ctx.send_error(&err, None, None).await;
-            }
-            Some(Ok(Message::Close(_))) | None => break,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            Some(Err(e)) => {
-                if is_too_big(e) {
-                    ctx.close(1009, "message too big").await;
+        let step = async {
+            match work {
+                Work::Event(event) => handle_event(&mut consumer, &ctx, &event).await,
+                Work::Frame(Some(Ok(Message::Text(text)))) => {
+                    handle_text(&mut consumer, &ctx, &permissions, &text).await;
                 }
-                break;
+                Work::Frame(Some(Ok(Message::Binary(_)))) => {
+                    let err = ApiError::bad_request(
+                        "Binary frames are not supported; send JSON text frames.",
+                    );
+                    let _ = ctx.send_error(&err, None, None).await;
+                }
+                Work::Frame(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                Work::Frame(Some(Ok(Message::Close(_))) | None) => return Some(None),
+                Work::Frame(Some(Err(e))) => {
+                    return Some(is_too_big(e).then_some((1009, "message too big")));
+                }
             }
+            None
+        };
+        // A connection stuck on a client that does not read is let go when the layer kicks it.
+        tokio::select! {
+            biased;
+            _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
+            end = step => if let Some(close) = end { break close },
         }
-    }
+    };
     ctx.subscriptions().leave_all(ctx.connection_id());
     ctx.cancel_tasks().await;
     consumer.disconnect(&ctx).await;
-    ctx.close(1000, "").await;
+    let (code, reason) = close.unwrap_or((1000, ""));
+    // A client that stopped reading may never take the close frame: give up after a moment.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ctx.close(code, reason)).await;
     drop(ctx);
-    let _ = writer.await;
+    if tokio::time::timeout(CLOSE_TIMEOUT, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// How long a closing connection waits for its last frames to be written.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One unit of a connection's work.
+enum Work {
+    Event(Arc<GroupMessage>),
+    Frame(Option<Result<Message, axum::Error>>),
 }
 
 fn is_too_big(e: axum::Error) -> bool {

@@ -229,6 +229,15 @@ pub async fn test_db(backend: TestBackend) -> Option<crate::model::Db> {
 
 /// Creates a uniquely named schema and connects with `search_path` set to it.
 pub async fn postgres_schema(url: &str) -> crate::model::Db {
+    let scoped = postgres_schema_url(url).await;
+    crate::model::Db::connect(&scoped)
+        .await
+        .expect("connect to test schema")
+}
+
+/// Creates a uniquely named schema and returns a URL whose connections use it (for servers
+/// started as separate processes).
+pub async fn postgres_schema_url(url: &str) -> String {
     use sea_orm::ConnectionTrait;
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
@@ -250,10 +259,7 @@ pub async fn postgres_schema(url: &str) -> crate::model::Db {
         .await
         .expect("create test schema");
     let sep = if url.contains('?') { '&' } else { '?' };
-    let scoped = format!("{url}{sep}options=-c%20search_path%3D{schema}");
-    crate::model::Db::connect(&scoped)
-        .await
-        .expect("connect to test schema")
+    format!("{url}{sep}options=-c%20search_path%3D{schema}")
 }
 
 /// Drops the schema a PostgreSQL test database was created in (see [`test_db`]); does nothing
