@@ -5,12 +5,16 @@
 //!   (the user, or null);
 //! - `/ws/todos/`: the `todo` model: list (paginated), retrieve, create, update, patch, delete,
 //!   subscribe_instance / unsubscribe_instance, subscribe_to_all / unsubscribe_from_all,
-//!   bulk_set_done.
+//!   bulk_set_done;
+//! - `/ws`: the multiplexed socket (`{"stream": S, "payload": ...}`) with streams `things`,
+//!   `things_with_id`, `todos` and `echo`.
 
 use dcrf::auth::JwtAuth;
+use dcrf::multiplex::Demultiplexer;
 use dcrf::prelude::*;
 
 pub mod echo;
+pub mod things;
 pub mod todos;
 
 /// The JWT secret the demo uses when none is given (`--jwt-secret`): fine for a demo, never
@@ -51,11 +55,21 @@ pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Er
     let layer = dcrf::layer::Layer::from_url(&config.layer).await?;
     let db = dcrf::model::Db::connect_with_layer(&config.database, layer).await?;
     todos::setup(&db, config.seed).await?;
+    things::setup(&db).await?;
+    let todos = todos::Todos::new(&db);
+    let things = things::ThingsConsumer::new(&db);
+    let things_with_id = things::ThingsWithIdConsumer::new(&db);
+    let mux = {
+        let (todos, things) = (todos.clone(), things.clone());
+        Demultiplexer::new(&app)
+            .stream("things", move || things.clone())
+            .stream("things_with_id", move || things_with_id.clone())
+            .stream("todos", move || todos.clone())
+            .stream("echo", echo::Echo::default)
+    };
     let router = axum::Router::new()
         .route("/ws/echo/", app.consumer(echo::Echo::default))
-        .route("/ws/todos/", {
-            let todos = todos::Todos::new(&db);
-            app.consumer(move || todos.clone())
-        });
+        .route("/ws/todos/", app.consumer(move || todos.clone()))
+        .route("/ws", mux.route());
     Ok((router, app))
 }

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ApiError;
-use crate::layer::{GroupMessage, Member};
+use crate::layer::{Delivery, Member};
 use crate::observer::{Event, Subscriptions, default_push};
 use crate::permission::Permissions;
 use crate::protocol::{Envelope, Frame, encode_error};
@@ -186,6 +186,27 @@ impl<E: Into<ApiError>> IntoActionResult for Result<(), E> {
     }
 }
 
+/// How a context reaches its socket: the writer's queue, the event inbox, the socket's kick
+/// switch, and the stream name on a multiplexed socket.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    pub(crate) out: mpsc::Sender<Outbound>,
+    pub(crate) inbox: mpsc::Sender<Delivery>,
+    pub(crate) kick: CancellationToken,
+    pub(crate) stream: Option<Arc<str>>,
+}
+
+/// `{"stream": S, "payload": <text>}` around an already serialized JSON frame.
+pub(crate) fn wrap_stream(stream: &str, payload: &str) -> String {
+    let mut out = String::with_capacity(payload.len() + stream.len() + 24);
+    out.push_str("{\"stream\":");
+    out.push_str(&serde_json::to_string(stream).unwrap_or_else(|_| "null".into()));
+    out.push_str(",\"payload\":");
+    out.push_str(payload);
+    out.push('}');
+    out
+}
+
 /// What a connection's writer task receives.
 #[derive(Debug)]
 pub(crate) enum Outbound {
@@ -212,8 +233,9 @@ struct CtxInner {
     tasks: TaskTracker,
     cancel: CancellationToken,
     extensions: std::sync::Mutex<axum::http::Extensions>,
-    inbox: mpsc::Sender<Arc<GroupMessage>>,
+    inbox: mpsc::Sender<Delivery>,
     kick: CancellationToken,
+    stream: Option<Arc<str>>,
     subscriptions: Subscriptions,
     permissions: Permissions,
 }
@@ -224,12 +246,13 @@ struct CtxInner {
 pub struct Closed;
 
 impl Ctx {
-    pub(crate) fn new(
-        scope: Scope,
-        out: mpsc::Sender<Outbound>,
-        inbox: mpsc::Sender<Arc<GroupMessage>>,
-        permissions: Permissions,
-    ) -> Self {
+    pub(crate) fn new(scope: Scope, link: Link, permissions: Permissions) -> Self {
+        let Link {
+            out,
+            inbox,
+            kick,
+            stream,
+        } = link;
         Ctx {
             inner: Arc::new(CtxInner {
                 id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
@@ -239,7 +262,8 @@ impl Ctx {
                 cancel: CancellationToken::new(),
                 extensions: Default::default(),
                 inbox,
-                kick: CancellationToken::new(),
+                kick,
+                stream,
                 subscriptions: Subscriptions::default(),
                 permissions,
             }),
@@ -263,11 +287,6 @@ impl Ctx {
     /// The connection's subscriptions.
     pub(crate) fn subscriptions(&self) -> &Subscriptions {
         &self.inner.subscriptions
-    }
-
-    /// Cancelled when the layer found this connection too slow for its events.
-    pub(crate) fn kicked(&self) -> &CancellationToken {
-        &self.inner.kick
     }
 
     /// A process-unique number for this connection (for logs and channel-layer names).
@@ -303,12 +322,24 @@ impl Ctx {
     }
 
     /// Sends a text frame as is. Waits while the outbound queue is full.
+    ///
+    /// On a multiplexed socket the frame goes out as `{"stream": S, "payload": <text>}`.
     pub async fn send_text(&self, text: impl Into<Utf8Bytes>) -> Result<(), Closed> {
+        let text: Utf8Bytes = text.into();
+        let text = match &self.inner.stream {
+            None => text,
+            Some(stream) => wrap_stream(stream, &text).into(),
+        };
         self.inner
             .out
-            .send(Outbound::Text(text.into()))
+            .send(Outbound::Text(text))
             .await
             .map_err(|_| Closed)
+    }
+
+    /// The stream this consumer serves on a multiplexed socket.
+    pub fn stream(&self) -> Option<&str> {
+        self.inner.stream.as_deref()
     }
 
     /// Serializes a value and sends it as one frame (DCRF's `send_json`).

@@ -56,11 +56,15 @@ pub struct GroupMessage {
     pub(crate) object_json: Option<Arc<RawValue>>,
 }
 
+/// An event on its way to a connection: the member it is for (a multiplexed socket has one
+/// member per stream) and the shared message.
+pub(crate) type Delivery = (u64, Arc<GroupMessage>);
+
 /// A connection's membership card: where its events go.
 #[derive(Debug, Clone)]
 pub(crate) struct Member {
     pub(crate) id: u64,
-    pub(crate) inbox: mpsc::Sender<Arc<GroupMessage>>,
+    pub(crate) inbox: mpsc::Sender<Delivery>,
     pub(crate) kick: CancellationToken,
 }
 
@@ -229,7 +233,7 @@ impl LayerInner {
             return;
         };
         for member in members {
-            match member.inbox.try_send(message.clone()) {
+            match member.inbox.try_send((member.id, message.clone())) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     if !member.kick.is_cancelled() {

@@ -49,6 +49,7 @@ pub mod consumer;
 pub mod error;
 pub mod layer;
 pub mod model;
+pub mod multiplex;
 pub mod observer;
 pub mod permission;
 pub mod protocol;

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -48,10 +48,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::BoxFuture;
 use crate::auth::{Authenticator, NoAuth, query_pairs};
-use crate::consumer::{Consumer, Ctx, Dispatched, Outbound, catch_panic};
+use crate::consumer::{Consumer, Ctx, Dispatched, Link, Outbound, catch_panic};
 use crate::error::ApiError;
-use crate::layer::GroupMessage;
+use crate::layer::{Delivery, GroupMessage};
 use crate::observer::Event;
 use crate::permission::{Permission, Permissions};
 use crate::protocol::Frame;
@@ -130,6 +131,11 @@ impl Dcrf {
         self
     }
 
+    /// The permissions of consumers that do not declare their own.
+    pub(crate) fn default_permissions_ref(&self) -> &Permissions {
+        &self.permissions
+    }
+
     /// Permissions for consumers that do not declare their own.
     pub fn default_permissions(mut self, p: impl Permission) -> Self {
         self.permissions = Permissions::new(p);
@@ -198,22 +204,40 @@ impl Dcrf {
         })
     }
 
-    async fn upgrade<C: Consumer>(self, mut consumer: C, req: Request) -> Response {
-        let (mut parts, _body) = req.into_parts();
-        let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(ws) => ws,
-            Err(rejection) => return rejection.into_response(),
+    async fn upgrade<C: Consumer>(self, consumer: C, req: Request) -> Response {
+        let (ws, scope) = match self.handshake(req).await {
+            Ok(accepted) => accepted,
+            Err(refused) => return refused,
         };
+        let (link, queues) = self.link(None);
+        let stream = match StreamSession::open(consumer, scope, link, &self.permissions).await {
+            Ok(stream) => stream,
+            Err(refused) => return refused,
+        };
+        self.accept(ws, SingleSession(stream), queues)
+    }
+
+    /// Checks and describes a handshake: shutdown, upgrade headers, Origin, authentication;
+    /// builds the scope. An error is the HTTP response that refuses it.
+    pub(crate) async fn handshake(
+        &self,
+        req: Request,
+    ) -> Result<(WebSocketUpgrade, Scope), Response> {
+        let (mut parts, _body) = req.into_parts();
+        let ws = WebSocketUpgrade::from_request_parts(&mut parts, &())
+            .await
+            .map_err(IntoResponse::into_response)?;
         if self.shutdown.is_cancelled() {
-            return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response());
         }
         if !self.origin_allowed(&parts) {
-            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+            return Err((StatusCode::FORBIDDEN, "origin not allowed").into_response());
         }
-        let user = match self.auth.authenticate(&parts).await {
-            Ok(user) => user,
-            Err(e) => return (StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
-        };
+        let user = self
+            .auth
+            .authenticate(&parts)
+            .await
+            .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()).into_response())?;
         let path_params = match RawPathParams::from_request_parts(&mut parts, &()).await {
             Ok(params) => params
                 .iter()
@@ -239,37 +263,38 @@ impl Dcrf {
                 .map(|c| c.0),
             headers: parts.headers,
         };
-        let permissions = consumer
-            .permissions()
-            .unwrap_or_else(|| self.permissions.clone());
-        if !permissions.can_connect(&scope).await {
-            return (StatusCode::FORBIDDEN, "connection refused").into_response();
-        }
-        let (tx, rx) = mpsc::channel(self.outbound_queue);
+        Ok((ws, scope))
+    }
+
+    /// The queues of one socket, and the link its contexts send through.
+    pub(crate) fn link(&self, stream: Option<Arc<str>>) -> (Link, Queues) {
+        let (out, rx) = mpsc::channel(self.outbound_queue);
         let (inbox_tx, inbox) = mpsc::channel(self.event_queue);
-        let ctx = Ctx::new(scope, tx, inbox_tx, permissions.clone());
-        match catch_panic(consumer.connect(&ctx)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) | Err(e) => {
-                if e.is_server_error() {
-                    tracing::error!(error = %e, "connect hook failed");
-                }
-                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN);
-                return (status, "connection refused").into_response();
-            }
-        }
+        let kick = CancellationToken::new();
+        (
+            Link {
+                out,
+                inbox: inbox_tx,
+                kick: kick.clone(),
+                stream,
+            },
+            Queues { rx, inbox, kick },
+        )
+    }
+
+    /// Upgrades and runs a session on its own task, tracked for graceful shutdown.
+    pub(crate) fn accept<S: Session>(
+        &self,
+        ws: WebSocketUpgrade,
+        session: S,
+        queues: Queues,
+    ) -> Response {
         let shutdown = self.shutdown.clone();
         let tracker = self.connections.clone();
         ws.max_message_size(self.max_message_size)
             .max_frame_size(self.max_message_size)
             .on_upgrade(move |socket| {
-                tracker.track_future(run_connection(
-                    socket,
-                    consumer,
-                    Channels { ctx, rx, inbox },
-                    permissions,
-                    shutdown,
-                ))
+                tracker.track_future(run_connection(socket, session, queues, shutdown))
             })
     }
 
@@ -325,46 +350,139 @@ where
     Ok(())
 }
 
-/// A connection's context and the receiving ends of its queues.
-struct Channels {
-    ctx: Ctx,
+/// The receiving ends of a socket's queues, and its kick switch.
+pub(crate) struct Queues {
     rx: mpsc::Receiver<Outbound>,
-    inbox: mpsc::Receiver<Arc<GroupMessage>>,
+    inbox: mpsc::Receiver<Delivery>,
+    kick: CancellationToken,
 }
 
-async fn run_connection<C: Consumer>(
+/// What runs on one socket: a consumer, or a demultiplexer of several.
+pub(crate) trait Session: Send + 'static {
+    /// Handles one inbound text frame to completion.
+    fn on_text<'a>(&'a mut self, text: &'a str) -> BoxFuture<'a, ()>;
+    /// Answers a binary frame.
+    fn on_binary(&mut self) -> BoxFuture<'_, ()>;
+    /// Handles one event for one of the session's members.
+    fn on_event(&mut self, member: u64, message: Arc<GroupMessage>) -> BoxFuture<'_, ()>;
+    /// Leaves groups, cancels detached work, runs disconnect hooks.
+    fn finish(&mut self) -> BoxFuture<'_, ()>;
+}
+
+/// One consumer with its context: a plain socket, or one stream of a multiplexed socket.
+pub(crate) struct StreamSession<C> {
+    consumer: C,
+    ctx: Ctx,
+}
+
+impl<C: Consumer> StreamSession<C> {
+    /// Checks `can_connect` and runs the `connect` hook; an error is the refusal response.
+    pub(crate) async fn open(
+        mut consumer: C,
+        scope: Scope,
+        link: Link,
+        default_permissions: &Permissions,
+    ) -> Result<Self, Response> {
+        let permissions = consumer
+            .permissions()
+            .unwrap_or_else(|| default_permissions.clone());
+        if !permissions.can_connect(&scope).await {
+            return Err((StatusCode::FORBIDDEN, "connection refused").into_response());
+        }
+        let ctx = Ctx::new(scope, link, permissions);
+        match catch_panic(consumer.connect(&ctx)).await {
+            Ok(Ok(())) => Ok(StreamSession { consumer, ctx }),
+            Ok(Err(e)) | Err(e) => {
+                if e.is_server_error() {
+                    tracing::error!(error = %e, "connect hook failed");
+                }
+                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN);
+                Err((status, "connection refused").into_response())
+            }
+        }
+    }
+}
+
+/// A type-erased [`StreamSession`], as a demultiplexer holds them.
+pub(crate) trait DynStream: Send {
+    fn on_text<'a>(&'a mut self, text: &'a str) -> BoxFuture<'a, ()>;
+    fn on_event(&mut self, message: Arc<GroupMessage>) -> BoxFuture<'_, ()>;
+    fn finish(&mut self) -> BoxFuture<'_, ()>;
+    fn ctx(&self) -> &Ctx;
+}
+
+impl<C: Consumer> DynStream for StreamSession<C> {
+    fn on_text<'a>(&'a mut self, text: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(handle_text(&mut self.consumer, &self.ctx, text))
+    }
+    fn on_event(&mut self, message: Arc<GroupMessage>) -> BoxFuture<'_, ()> {
+        Box::pin(async move { handle_event(&mut self.consumer, &self.ctx, &message).await })
+    }
+    fn finish(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.ctx.subscriptions().leave_all(self.ctx.connection_id());
+            self.ctx.cancel_tasks().await;
+            self.consumer.disconnect(&self.ctx).await;
+        })
+    }
+    fn ctx(&self) -> &Ctx {
+        &self.ctx
+    }
+}
+
+/// A socket served by one consumer.
+struct SingleSession<C>(StreamSession<C>);
+
+impl<C: Consumer> Session for SingleSession<C> {
+    fn on_text<'a>(&'a mut self, text: &'a str) -> BoxFuture<'a, ()> {
+        DynStream::on_text(&mut self.0, text)
+    }
+    fn on_binary(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.0.ctx.send_error(&binary_error(), None, None).await;
+        })
+    }
+    fn on_event(&mut self, _member: u64, message: Arc<GroupMessage>) -> BoxFuture<'_, ()> {
+        DynStream::on_event(&mut self.0, message)
+    }
+    fn finish(&mut self) -> BoxFuture<'_, ()> {
+        DynStream::finish(&mut self.0)
+    }
+}
+
+/// The answer to a binary frame.
+pub(crate) fn binary_error() -> ApiError {
+    ApiError::bad_request("Binary frames are not supported; send JSON text frames.")
+}
+
+async fn run_connection<S: Session>(
     socket: WebSocket,
-    mut consumer: C,
-    channels: Channels,
-    permissions: Permissions,
+    mut session: S,
+    queues: Queues,
     shutdown: CancellationToken,
 ) {
-    let Channels { ctx, rx, mut inbox } = channels;
+    let Queues {
+        rx,
+        mut inbox,
+        kick: kicked,
+    } = queues;
     let (sink, mut stream) = socket.split();
-    let mut writer = tokio::spawn(write_loop(sink, rx));
-    let kicked = ctx.kicked().clone();
-    tracing::debug!(connection = ctx.connection_id(), path = %ctx.scope().path, "connected");
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel();
+    let mut writer = tokio::spawn(write_loop(sink, rx, close_rx));
     // The close frame to send when the loop ends, if any.
     let close: Option<(u16, &str)> = loop {
         let work = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Some((1001, "server shutting down")),
             _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
-            Some(event) = inbox.recv() => Work::Event(event),
+            Some((member, event)) = inbox.recv() => Work::Event(member, event),
             message = stream.next() => Work::Frame(message),
         };
         let step = async {
             match work {
-                Work::Event(event) => handle_event(&mut consumer, &ctx, &event).await,
-                Work::Frame(Some(Ok(Message::Text(text)))) => {
-                    handle_text(&mut consumer, &ctx, &permissions, &text).await;
-                }
-                Work::Frame(Some(Ok(Message::Binary(_)))) => {
-                    let err = ApiError::bad_request(
-                        "Binary frames are not supported; send JSON text frames.",
-                    );
-                    let _ = ctx.send_error(&err, None, None).await;
-                }
+                Work::Event(member, event) => session.on_event(member, event).await,
+                Work::Frame(Some(Ok(Message::Text(text)))) => session.on_text(&text).await,
+                Work::Frame(Some(Ok(Message::Binary(_)))) => session.on_binary().await,
                 Work::Frame(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
                 Work::Frame(Some(Ok(Message::Close(_))) | None) => return Some(None),
                 Work::Frame(Some(Err(e))) => {
@@ -380,13 +498,14 @@ async fn run_connection<C: Consumer>(
             end = step => if let Some(close) = end { break close },
         }
     };
-    ctx.subscriptions().leave_all(ctx.connection_id());
-    ctx.cancel_tasks().await;
-    consumer.disconnect(&ctx).await;
+    session.finish().await;
     let (code, reason) = close.unwrap_or((1000, ""));
-    // A client that stopped reading may never take the close frame: give up after a moment.
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, ctx.close(code, reason)).await;
-    drop(ctx);
+    let _ = close_tx.send(CloseFrame {
+        code,
+        reason: reason.into(),
+    });
+    drop(session);
+    // A client that stopped reading may never take the last frames: give up after a moment.
     if tokio::time::timeout(CLOSE_TIMEOUT, &mut writer)
         .await
         .is_err()
@@ -400,7 +519,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One unit of a connection's work.
 enum Work {
-    Event(Arc<GroupMessage>),
+    Event(u64, Arc<GroupMessage>),
     Frame(Option<Result<Message, axum::Error>>),
 }
 
@@ -411,13 +530,15 @@ fn is_too_big(e: axum::Error) -> bool {
     }
 }
 
+/// Drains the outbound queue into the socket, batching what is ready into one flush. When the
+/// queue closes (the session ended), sends the close frame the session chose.
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
+    close: tokio::sync::oneshot::Receiver<CloseFrame>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
-        // Feed everything already queued, then flush once.
         while let Some(out) = next.take() {
             match out {
                 Outbound::Text(text) => {
@@ -436,6 +557,9 @@ async fn write_loop(
             return;
         }
     }
+    if let Ok(frame) = close.await {
+        let _ = sink.send(Message::Close(Some(frame))).await;
+    }
 }
 
 /// Runs a consumer's handler for one group message, if the connection is still subscribed.
@@ -453,12 +577,8 @@ pub(crate) async fn handle_event<C: Consumer>(consumer: &mut C, ctx: &Ctx, messa
 }
 
 /// Parses one text frame and runs it: the whole DCRF dispatch order.
-pub(crate) async fn handle_text<C: Consumer>(
-    consumer: &mut C,
-    ctx: &Ctx,
-    permissions: &Permissions,
-    text: &str,
-) {
+pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: &str) {
+    let permissions = ctx.permissions();
     let frame = match Frame::parse(text) {
         Ok(frame) => frame,
         Err(e) => {

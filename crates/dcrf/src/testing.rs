@@ -345,8 +345,7 @@ pub struct LocalConnection<C> {
     consumer: C,
     ctx: crate::consumer::Ctx,
     rx: tokio::sync::mpsc::Receiver<crate::consumer::Outbound>,
-    inbox: tokio::sync::mpsc::Receiver<std::sync::Arc<crate::layer::GroupMessage>>,
-    permissions: crate::permission::Permissions,
+    inbox: tokio::sync::mpsc::Receiver<crate::layer::Delivery>,
 }
 
 impl<C: crate::consumer::Consumer> LocalConnection<C> {
@@ -357,26 +356,31 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
 
     /// A connection with a given scope.
     pub fn with_scope(consumer: C, scope: crate::scope::Scope) -> Self {
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (out, rx) = tokio::sync::mpsc::channel(1024);
         let (inbox_tx, inbox) = tokio::sync::mpsc::channel(1024);
         let permissions = consumer.permissions().unwrap_or_default();
+        let link = crate::consumer::Link {
+            out,
+            inbox: inbox_tx,
+            kick: tokio_util::sync::CancellationToken::new(),
+            stream: None,
+        };
         LocalConnection {
             consumer,
-            ctx: crate::consumer::Ctx::new(scope, tx, inbox_tx, permissions.clone()),
+            ctx: crate::consumer::Ctx::new(scope, link, permissions),
             rx,
             inbox,
-            permissions,
         }
     }
 
     /// Handles one inbound text frame to completion.
     pub async fn send(&mut self, text: &str) {
-        crate::server::handle_text(&mut self.consumer, &self.ctx, &self.permissions, text).await;
+        crate::server::handle_text(&mut self.consumer, &self.ctx, text).await;
     }
 
     /// Runs the handler of every subscription event queued for this connection.
     pub async fn process_events(&mut self) {
-        while let Ok(message) = self.inbox.try_recv() {
+        while let Ok((_, message)) = self.inbox.try_recv() {
             crate::server::handle_event(&mut self.consumer, &self.ctx, &message).await;
         }
     }
