@@ -22,6 +22,17 @@ else
 fi
 cargo test --workspace --doc
 
-if [[ -f tests/acceptance/package.json ]]; then
-  (cd tests/acceptance && npm ci --no-audit --no-fund && npm test)
+# The real JS client (dcrf-client 0.3.0) against the demo server: SQLite and the in-memory
+# layer, then once more on PostgreSQL with the Redis layer.
+cargo build -p dcrf-demo
+(cd tests/acceptance && npm ci --no-audit --no-fund && npm test)
+if [[ -n "${DATABASE_URL:-}" && -n "${REDIS_URL:-}" ]]; then
+  schema="dcrf_accept_$$"
+  psql "$DATABASE_URL" -qc "create schema $schema"
+  trap 'psql "$DATABASE_URL" -qc "drop schema if exists $schema cascade" >/dev/null 2>&1 || true' EXIT
+  (cd tests/acceptance &&
+    DCRF_TEST_DATABASE_URL="$DATABASE_URL?options=-c%20search_path%3D$schema" \
+    DCRF_TEST_LAYER="$REDIS_URL" npm test)
+else
+  echo "SKIPPED: acceptance suite on PostgreSQL + Redis (DATABASE_URL or REDIS_URL unset)"
 fi

@@ -7,12 +7,15 @@
 //!   subscribe_instance / unsubscribe_instance, subscribe_to_all / unsubscribe_from_all,
 //!   bulk_set_done;
 //! - `/ws`: the multiplexed socket (`{"stream": S, "payload": ...}`) with streams `things`,
-//!   `things_with_id`, `todos` and `echo`.
+//!   `things_with_id`, `todos`, `echo` and `api`;
+//! - `/api/todos`, `/api/todos/{id}`, `/api/whoami`: plain HTTP, also served over the socket at
+//!   `/ws/api/` (and the `api` stream).
 
 use dcrf::auth::JwtAuth;
 use dcrf::multiplex::Demultiplexer;
 use dcrf::prelude::*;
 
+pub mod api;
 pub mod echo;
 pub mod things;
 pub mod todos;
@@ -67,9 +70,16 @@ pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Er
             .stream("todos", move || todos.clone())
             .stream("echo", echo::Echo::default)
     };
+    let api = api::consumer(db.clone());
+    let mux = {
+        let api = api.clone();
+        mux.stream("api", move || api.clone())
+    };
     let router = axum::Router::new()
         .route("/ws/echo/", app.consumer(echo::Echo::default))
         .route("/ws/todos/", app.consumer(move || todos.clone()))
-        .route("/ws", mux.route());
+        .route("/ws", mux.route())
+        .route("/ws/api/", app.consumer(move || api.clone()))
+        .merge(api::router(db));
     Ok((router, app))
 }

@@ -307,3 +307,78 @@ async fn todos_subscriptions(db: Db) {
         .await;
     sub.receive_nothing().await;
 }
+
+/// The demo's `/api/` routes answer plain HTTP and the same routes answer over the socket.
+#[tokio::test]
+async fn api_routes_over_http_and_over_the_socket() {
+    let s = demo("sqlite::memory:", 2).await;
+    // Plain HTTP/1.1 on the same server.
+    let http = |path: &str| {
+        let addr = s.addr;
+        let path = path.to_owned();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut raw = String::new();
+            tcp.read_to_string(&mut raw).await.unwrap();
+            let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+            (head.lines().next().unwrap().to_owned(), body.to_owned())
+        }
+    };
+    let (status, body) = http("/api/todos/2").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+        json!({"id": 2, "title": "Todo 2", "done": false, "owner": ""})
+    );
+    let (status, _) = http("/api/todos/99").await;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    let token = JwtAuth::hs256(DEFAULT_JWT_SECRET.as_bytes())
+        .unwrap()
+        .issue("u1", "ada", 60)
+        .unwrap();
+    let mut c = TestClient::connect(&s.url(&format!("/ws/api/?token={token}")))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.request(json!({"action": "retrieve", "parameters": {"id": 2}, "request_id": 1}))
+            .await,
+        json!({"errors": [], "data": {"id": 2, "title": "Todo 2", "done": false, "owner": ""}, "action": "retrieve", "response_status": 200, "request_id": 1})
+    );
+    assert_eq!(
+        c.request(json!({"action": "list", "query": {"done": false}, "request_id": 2}))
+            .await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        c.request(json!({"action": "create", "data": {"title": "via socket"}, "request_id": 3}))
+            .await,
+        json!({"errors": [], "data": {"id": 3, "title": "via socket", "done": false, "owner": ""}, "action": "create", "response_status": 201, "request_id": 3})
+    );
+    assert_eq!(
+        c.request(json!({"action": "create", "data": {"done": true}, "request_id": 4}))
+            .await,
+        json!({"errors": [{"title": ["This field is required."]}], "data": null, "action": "create", "response_status": 422, "request_id": 4})
+    );
+    assert_eq!(
+        c.request(json!({"action": "whoami", "request_id": 5}))
+            .await["data"],
+        json!({"id": "u1", "username": "ada"})
+    );
+    // The same over the multiplexed socket's `api` stream.
+    let mut m = TestClient::connect(&s.url("/ws")).await.unwrap();
+    assert_eq!(
+        m.request(json!({"stream": "api", "payload": {"action": "retrieve", "parameters": {"id": 99}, "request_id": 6}}))
+            .await,
+        json!({"stream": "api", "payload": {"errors": [{"detail": "Not found."}], "data": null, "action": "retrieve", "response_status": 404, "request_id": 6}})
+    );
+}

@@ -57,6 +57,7 @@ pub mod scope;
 pub mod server;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod view;
 
 // Lets `#[dcrf::consumer]` expand inside this crate too.
 extern crate self as dcrf;
