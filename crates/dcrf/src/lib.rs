@@ -45,6 +45,7 @@
 //! - [`error`]: [`ApiError`] (what actions answer) and [`Error`] (the framework's failures).
 
 pub mod auth;
+pub mod capture;
 pub mod consumer;
 pub mod error;
 pub mod layer;

@@ -61,6 +61,8 @@ struct Hub {
     layer: Layer,
     by_table: RwLock<HashMap<&'static str, Vec<Arc<dyn ErasedObserver>>>>,
     by_id: RwLock<HashMap<String, Arc<dyn Any + Send + Sync>>>,
+    /// Opt-in change capture's state (see [`crate::capture`]).
+    capture: crate::capture::DbHooks,
 }
 
 impl std::fmt::Debug for Hub {
@@ -104,7 +106,9 @@ impl Db {
     pub async fn connect_with_layer(url: &str, layer: Layer) -> Result<Db, Error> {
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.sqlx_logging(false);
+        let mut capture = crate::capture::DbHooks::default();
         if url.starts_with("sqlite:") {
+            capture.prepare_sqlite(&mut opts);
             if url.contains(":memory:") || url.contains("mode=memory") {
                 opts.max_connections(1).min_connections(1);
             } else {
@@ -119,19 +123,33 @@ impl Db {
             conn.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000;")
                 .await?;
         }
-        Ok(Self::from_connection(conn, layer))
+        Ok(Self::with_capture(conn, layer, capture))
     }
 
     /// Wraps an existing sea-orm connection.
     pub fn from_connection(conn: DatabaseConnection, layer: Layer) -> Db {
+        Self::with_capture(conn, layer, crate::capture::DbHooks::default())
+    }
+
+    fn with_capture(
+        conn: DatabaseConnection,
+        layer: Layer,
+        capture: crate::capture::DbHooks,
+    ) -> Db {
         Db {
             conn,
             hub: Arc::new(Hub {
                 layer,
                 by_table: RwLock::new(HashMap::new()),
                 by_id: RwLock::new(HashMap::new()),
+                capture,
             }),
         }
+    }
+
+    /// The change capture state of this database.
+    pub(crate) fn capture_hooks(&self) -> &crate::capture::DbHooks {
+        &self.hub.capture
     }
 
     /// The sea-orm connection, for reads and anything the framework does not wrap.
@@ -213,6 +231,11 @@ impl Db {
         } else {
             self.conn.begin().await?
         };
+        // While a change capture runs, mark the transaction so it does not publish its rows a
+        // second time (this `Txn` publishes them itself).
+        if let Some(sql) = self.hub.capture.begin_sql() {
+            txn.execute_unprepared(sql).await?;
+        }
         Ok(Txn {
             txn,
             db: self.clone(),
