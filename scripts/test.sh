@@ -25,6 +25,7 @@ cargo test --workspace --doc
 # The real JS client (dcrf-client 0.3.0) against the demo server: SQLite and the in-memory
 # layer, then once more on PostgreSQL with the Redis layer.
 cargo build -p dcrf-demo
+export DCRF_DEMO_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/dcrf-demo"
 (cd tests/acceptance && npm ci --no-audit --no-fund && npm test)
 if [[ -n "${DATABASE_URL:-}" && -n "${REDIS_URL:-}" ]]; then
   schema="dcrf_accept_$$"
