@@ -83,6 +83,14 @@ impl From<thing::Model> for ThingWithPk {
     }
 }
 
+/// The body of a `subscribe_many` push.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ManyBody<R> {
+    Deleted(ThingWithPk),
+    Changed(R),
+}
+
 /// A representation of a thing, named for its observers.
 pub trait ThingRepr:
     Serialize + DeserializeOwned + From<thing::Model> + Send + Sync + 'static
@@ -133,9 +141,9 @@ impl<R: ThingRepr> Things<R> {
                 // As the test app: a delete carries ThingSerializer's data (key `pk`), the
                 // other events the stream's own representation.
                 if kind == ChangeKind::Delete {
-                    serde_json::to_value(ThingWithPk::from(t.clone())).unwrap_or_default()
+                    ManyBody::Deleted(ThingWithPk::from(t.clone()))
                 } else {
-                    serde_json::to_value(R::from(t.clone())).unwrap_or_default()
+                    ManyBody::Changed(R::from(t.clone()))
                 }
             });
         Things {

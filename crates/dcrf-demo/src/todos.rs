@@ -90,7 +90,7 @@ impl Todos {
 /// delete, the todo as it was).
 pub fn all_todos(db: &Db) -> Arc<ModelObserver<todo::Model>> {
     db.observe::<todo::Entity>("todos.all")
-        .serialize(|t: &todo::Model, _| serde_json::to_value(t).unwrap_or_default())
+        .serialize(|t: &todo::Model, _| t.clone())
 }
 
 /// `bulk_set_done` arguments.

@@ -218,6 +218,7 @@ struct Watch {
 struct Table {
     name: &'static str,
     /// The table's schema (PostgreSQL), empty on SQLite.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     schema: String,
     /// The quoted, schema-qualified name.
     qualified: String,
@@ -664,6 +665,7 @@ impl DbHooks {
 /// What a capture hands to its handler: changes, or the news that some were lost.
 enum Msg {
     Changes(Vec<RawChange>),
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Reconnected,
     Overflow,
 }

@@ -32,7 +32,7 @@
 //! // Every todo, grouped by owner; the body is the whole row.
 //! let by_owner = db.observe::<todo::Entity>("todos-by-owner")
 //!     .group_by(|t: &todo::Model| vec![t.owner.clone()])
-//!     .serialize(|t: &todo::Model, _| serde_json::to_value(t).unwrap());
+//!     .serialize(|t: &todo::Model, _| t.clone());
 //! // In an action: by_owner.subscribe(ctx, "alice", request_id);
 //! # let _ = by_owner;
 //! # Ok(()) }
@@ -283,7 +283,8 @@ impl Subscriptions {
 
 /// How a [`ModelObserver`] groups and serializes objects.
 type GroupFn<M> = Arc<dyn Fn(&M) -> Vec<String> + Send + Sync>;
-type SerializeFn<M> = Arc<dyn Fn(&M, ChangeKind) -> serde_json::Value + Send + Sync>;
+type SerializeFn<M> =
+    Arc<dyn Fn(&M, ChangeKind) -> Result<String, serde_json::Error> + Send + Sync>;
 
 /// Observes one entity's committed changes (DCRF's `@model_observer`). Built by
 /// [`Db::observe`](crate::model::Db::observe); cheap to clone.
@@ -324,14 +325,17 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
         self
     }
 
-    /// The body of each event, computed once per event (DCRF's `.serializer`). Default:
-    /// `{"pk": <primary key>}`. For `delete` it receives the object as it was.
-    pub fn serialize<F>(self: Arc<Self>, f: F) -> Arc<Self>
+    /// The body of each event, computed and serialized once per event (DCRF's `.serializer`).
+    /// Default: `{"pk": <primary key>}`. For `delete` it receives the object as it was.
+    pub fn serialize<F, T>(self: Arc<Self>, f: F) -> Arc<Self>
     where
-        F: Fn(&M, ChangeKind) -> serde_json::Value + Send + Sync + 'static,
+        F: Fn(&M, ChangeKind) -> T + Send + Sync + 'static,
+        T: Serialize,
     {
         if let Ok(mut s) = self.serializer.write() {
-            *s = Some(Arc::new(f));
+            *s = Some(Arc::new(move |m: &M, kind| {
+                serde_json::to_string(&f(m, kind))
+            }));
         }
         self
     }
@@ -361,11 +365,11 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
 
     fn body(&self, object: &M, kind: ChangeKind) -> Result<Arc<RawValue>, Error> {
         let serializer = self.serializer.read().ok().and_then(|s| s.clone());
-        let value = match serializer {
-            Some(f) => f(object, kind),
-            None => serde_json::json!({ "pk": (self.pk)(object) }),
+        let text = match serializer {
+            Some(f) => f(object, kind)?,
+            None => serde_json::to_string(&serde_json::json!({ "pk": (self.pk)(object) }))?,
         };
-        Ok(RawValue::from_string(serde_json::to_string(&value)?)?.into())
+        Ok(RawValue::from_string(text)?.into())
     }
 }
 

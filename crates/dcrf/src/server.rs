@@ -42,6 +42,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
+use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -81,6 +82,7 @@ pub struct Dcrf {
     max_message_size: usize,
     outbound_queue: usize,
     event_queue: usize,
+    socket_buffers: (usize, usize),
     allowed_origins: Option<Arc<[String]>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
@@ -108,6 +110,8 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
 /// The default event queue length, in group messages, per connection.
 pub const DEFAULT_EVENT_QUEUE: usize = 1024;
+/// The default WebSocket read and write buffer sizes, in bytes, per connection.
+pub const DEFAULT_SOCKET_BUFFERS: (usize, usize) = (4 * 1024, 8 * 1024);
 
 impl Dcrf {
     /// Anonymous users, [`AllowAny`](crate::permission::AllowAny), 1 MiB messages, a queue of 256
@@ -119,6 +123,7 @@ impl Dcrf {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
             event_queue: DEFAULT_EVENT_QUEUE,
+            socket_buffers: DEFAULT_SOCKET_BUFFERS,
             allowed_origins: None,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
@@ -160,6 +165,15 @@ impl Dcrf {
     /// memory per connection stays bounded and other subscribers are not delayed.
     pub fn event_queue(mut self, events: usize) -> Self {
         self.event_queue = events.max(1);
+        self
+    }
+
+    /// The WebSocket read buffer and write buffer of each connection, in bytes (default 4 KiB
+    /// and 8 KiB). They are what an idle connection costs; tungstenite's defaults (128 KiB
+    /// each) make an idle connection ~130 KiB. Both grow on demand for large messages; the
+    /// write buffer is flushed after each batch of frames anyway.
+    pub fn socket_buffers(mut self, read: usize, write: usize) -> Self {
+        self.socket_buffers = (read.max(512), write);
         self
     }
 
@@ -291,7 +305,10 @@ impl Dcrf {
     ) -> Response {
         let shutdown = self.shutdown.clone();
         let tracker = self.connections.clone();
-        ws.max_message_size(self.max_message_size)
+        let (read, write) = self.socket_buffers;
+        ws.read_buffer_size(read)
+            .write_buffer_size(write)
+            .max_message_size(self.max_message_size)
             .max_frame_size(self.max_message_size)
             .on_upgrade(move |socket| {
                 tracker.track_future(run_connection(socket, session, queues, shutdown))
@@ -335,6 +352,10 @@ where
         }
         token.cancel();
     };
+    // Replies are small and latency-bound: no Nagle delay.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),

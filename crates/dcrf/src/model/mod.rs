@@ -657,11 +657,21 @@ fn instance_observer<C: ModelConsumer>(c: &C) -> Arc<ModelObserver<ModelOf<C>>> 
         .group_by(|m: &ModelOf<C>| vec![db::pk_json::<C::Entity>(m).to_string()])
         .serialize(|m: &ModelOf<C>, kind| {
             if kind == ChangeKind::Delete {
-                serde_json::json!({ "pk": db::pk_json::<C::Entity>(m) })
+                InstanceBody::Deleted {
+                    pk: db::pk_json::<C::Entity>(m),
+                }
             } else {
-                serde_json::to_value(C::Output::from(m.clone())).unwrap_or(Value::Null)
+                InstanceBody::Object(C::Output::from(m.clone()))
             }
         })
+}
+
+/// The body of an instance push: the object, or `{"pk": pk}` for a delete.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum InstanceBody<O> {
+    Deleted { pk: Value },
+    Object(O),
 }
 
 /// Registers a model consumer's observers on its database (called when it is mounted).

@@ -1,0 +1,2 @@
+"""No HTTP views: the baseline only serves WebSockets."""
+urlpatterns = []

@@ -1,0 +1,234 @@
+//! Command-line interface: the scenario and every flag.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Load generator for servers speaking the DCRF JSON protocol over WebSockets.
+///
+/// Opens `--connections` WebSocket connections to `--url`, runs the scenario for `--warmup`
+/// seconds (not measured) and then `--duration` seconds (measured), and reports throughput,
+/// latency percentiles, errors and the generator's own CPU use. With `--json` the last line
+/// printed on stdout is one JSON object with the results.
+///
+/// Replies are matched to requests by `request_id`; a reply whose `response_status` is not
+/// 2xx counts as an error, and a reply whose `request_id` matches nothing in flight counts as
+/// unmatched.
+#[derive(Debug, Parser)]
+#[command(name = "dcrf-bench", version, about, long_about)]
+#[command(after_help = "Examples:
+  dcrf-bench echo --url ws://127.0.0.1:8000/ws/echo/ --connections 50 --window 16 --duration 10
+  dcrf-bench retrieve --url ws://127.0.0.1:8000/ws/todos/ --connections 50 --rows 1000 --json
+  dcrf-bench fanout --url ws://127.0.0.1:8000/ws/todos/ --connections 1000 --pk 1 --duration 10
+  dcrf-bench idle --url ws://127.0.0.1:8000/ws/echo/ --connections 10000 --server-pid 1234
+  dcrf-bench raw-echo --bind 127.0.0.1:9000")]
+pub struct Args {
+    /// The scenario to run (or `raw-echo` to serve the baseline echo server).
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+
+    /// Full WebSocket URL of the endpoint, e.g. `ws://127.0.0.1:8000/ws/todos/`. Required for
+    /// every scenario except `raw-echo`.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+
+    /// Number of connections. For `fanout`: the number of subscriber connections (one more
+    /// connection is the writer). For `idle`: the connections held open.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub connections: usize,
+
+    /// Measured duration in seconds (fractions allowed). For `idle`: how long the connections
+    /// are held open after the server's memory is read.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Seconds of load before measuring starts (not measured). For `idle`: the settling time
+    /// between opening the last connection and reading the server's memory.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub warmup: f64,
+
+    /// Requests in flight per connection (pipelining). Closed loop: a new request is sent as
+    /// soon as a reply arrives. Default 1; with `--rate`, the cap on requests in flight per
+    /// connection (default 1024). Ignored by `fanout` without `--rate`, where the writer waits
+    /// for every delivery of one update before sending the next.
+    #[arg(long, value_name = "W")]
+    pub window: Option<usize>,
+
+    /// Open loop: the target total rate in messages per second across all connections (for
+    /// `fanout`: writes per second). Requests are sent on a fixed schedule and latency is
+    /// measured from the scheduled send time, so a slow server cannot hide its queueing
+    /// delay (no coordinated omission).
+    #[arg(long, value_name = "R")]
+    pub rate: Option<f64>,
+
+    /// Primary keys used by `retrieve` and `patch` are drawn uniformly from 1..=N; `list`
+    /// draws its offset from 0..=N-100. Match the number of rows seeded on the server.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub rows: u64,
+
+    /// Worker threads of the generator's runtime (default: the CPUs it may run on).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Print the results as one JSON object on the last line of stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// A label copied into the results (e.g. the server's name), for scripts.
+    #[arg(long, value_name = "TEXT")]
+    pub label: Option<String>,
+
+    /// `fanout` only: how subscribers subscribe. `instance` sends `subscribe_instance` for
+    /// `--pk`; `all` sends `subscribe_to_all`.
+    #[arg(long, value_enum, value_name = "HOW", default_value_t = Subscribe::Instance)]
+    pub subscribe: Subscribe,
+
+    /// `fanout` only: the primary key of the row the writer patches (and subscribers watch).
+    #[arg(long, value_name = "PK", default_value_t = 1)]
+    pub pk: u64,
+
+    /// Process id of the server under test: its CPU use over the measured window is reported
+    /// (`server_cpu_pct`), and for `idle` its resident memory (VmRSS) before and after opening
+    /// the connections.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+
+    /// `raw-echo` only: address to listen on (port 0 picks a free port; the address is
+    /// printed as `dcrf-bench raw-echo listening on ADDR`).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
+    pub bind: String,
+
+    /// Maximum number of WebSocket handshakes in progress at once while connecting.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub connect_concurrency: usize,
+
+    /// `echo` only: length in bytes of the `x` string sent with every echo request.
+    #[arg(long, value_name = "BYTES", default_value_t = 16)]
+    pub payload: usize,
+
+    /// Seconds to wait for outstanding replies after the run (they count as lost and as
+    /// errors after that), for a handshake or subscription reply, and in closed-loop `fanout`
+    /// for all deliveries of one update.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+/// What the generator does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// `{"action":"echo","request_id":N,"x":"..."}` (e.g. on /ws/echo/).
+    Echo,
+    /// `{"action":"retrieve","pk":<random>,"request_id":N}` (on /ws/todos/).
+    Retrieve,
+    /// `{"action":"list","limit":100,"offset":<random>,"request_id":N}` (on /ws/todos/).
+    List,
+    /// `{"action":"create","data":{"title":"bench N"},"request_id":N}` (201 expected).
+    Create,
+    /// `{"action":"patch","pk":<random>,"data":{"done":true|false},"request_id":N}`.
+    Patch,
+    /// Subscribers (`--connections`) watch one row; one writer patches it; measures the
+    /// delay from the write to each subscriber's push.
+    Fanout,
+    /// Opens `--connections` connections and holds them; reports the server's memory per
+    /// connection (needs `--server-pid`).
+    Idle,
+    /// Not a load scenario: serves a bare WebSocket echo server on `--bind` (every text frame
+    /// is sent back unchanged), the ceiling for `echo` and `idle`.
+    RawEcho,
+}
+
+impl Scenario {
+    /// The name used on the command line and in the results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Echo => "echo",
+            Scenario::Retrieve => "retrieve",
+            Scenario::List => "list",
+            Scenario::Create => "create",
+            Scenario::Patch => "patch",
+            Scenario::Fanout => "fanout",
+            Scenario::Idle => "idle",
+            Scenario::RawEcho => "raw-echo",
+        }
+    }
+}
+
+/// How `fanout` subscribers subscribe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Subscribe {
+    /// `{"action":"subscribe_instance","pk":P,"request_id":"sub-i"}`, 201 expected.
+    Instance,
+    /// `{"action":"subscribe_to_all","request_id":"sub-i"}`, 201 expected.
+    All,
+}
+
+impl Subscribe {
+    /// The name used on the command line and in the results.
+    pub fn name(self) -> &'static str {
+        match self {
+            Subscribe::Instance => "instance",
+            Subscribe::All => "all",
+        }
+    }
+}
+
+impl Args {
+    /// Checks combinations clap cannot express; returns a message for the user.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.scenario == Scenario::RawEcho {
+            return Ok(());
+        }
+        if self.url.is_none() {
+            return Err(format!("--url is required for `{}`", self.scenario.name()));
+        }
+        if self.connections == 0 {
+            return Err("--connections must be at least 1".into());
+        }
+        for (name, v) in [("--duration", self.duration), ("--timeout", self.timeout)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("{name} must be a positive number of seconds"));
+            }
+        }
+        if !(self.warmup.is_finite() && self.warmup >= 0.0) {
+            return Err("--warmup must be zero or a positive number of seconds".into());
+        }
+        if let Some(r) = self.rate
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err("--rate must be a positive number".into());
+        }
+        if self.window == Some(0) {
+            return Err("--window must be at least 1".into());
+        }
+        if self.rows == 0 {
+            return Err("--rows must be at least 1".into());
+        }
+        if self.connect_concurrency == 0 {
+            return Err("--connect-concurrency must be at least 1".into());
+        }
+        if self.threads == Some(0) {
+            return Err("--threads must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The WebSocket URL (validated to be present for load scenarios).
+    pub fn url(&self) -> &str {
+        self.url.as_deref().unwrap_or_default()
+    }
+
+    /// `--duration` as a [`Duration`].
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs_f64(self.duration)
+    }
+
+    /// `--warmup` as a [`Duration`].
+    pub fn warmup(&self) -> Duration {
+        Duration::from_secs_f64(self.warmup)
+    }
+
+    /// `--timeout` as a [`Duration`].
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout)
+    }
+}

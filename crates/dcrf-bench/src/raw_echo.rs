@@ -1,0 +1,55 @@
+//! `raw-echo`: a bare axum WebSocket server that sends every text frame back unchanged. It
+//! parses no JSON and has no framework around it: the ceiling the DCRF servers are compared
+//! with.
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use axum::serve::ListenerExt;
+use futures_util::{FutureExt, SinkExt};
+use tokio::net::TcpListener;
+
+/// Serves the echo server on `bind` (on any path) until the process is stopped.
+pub async fn serve(bind: &str) -> std::io::Result<()> {
+    let listener = TcpListener::bind(bind).await?;
+    println!(
+        "dcrf-bench raw-echo listening on {}",
+        listener.local_addr()?
+    );
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let app = Router::new().fallback(upgrade);
+    axum::serve(listener, app).await
+}
+
+async fn upgrade(ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(echo)
+}
+
+/// Echoes text frames; whatever is already received is sent back with one flush.
+async fn echo(mut socket: WebSocket) {
+    while let Some(Ok(msg)) = socket.recv().await {
+        let mut next = Some(msg);
+        while let Some(msg) = next.take() {
+            if matches!(msg, Message::Close(_)) {
+                let _ = socket.flush().await;
+                return;
+            }
+            if matches!(msg, Message::Text(_)) && socket.feed(msg).await.is_err() {
+                return;
+            }
+            next = match socket.recv().now_or_never() {
+                Some(Some(Ok(m))) => Some(m),
+                Some(_) => {
+                    let _ = socket.flush().await;
+                    return;
+                }
+                None => None,
+            };
+        }
+        if socket.flush().await.is_err() {
+            return;
+        }
+    }
+}
