@@ -1,7 +1,12 @@
 //! Micro-benchmarks of the per-message hot path: parse → dispatch → reply.
 //!
 //! Run with `cargo bench -p dcrf --bench hot_path --features testing`.
+//!
+//! `fan_out` publishes one event to N local subscribers and runs every subscriber's push
+//! (the default handler: one envelope per subscription around the shared body).
 
+use dcrf::layer::Layer;
+use dcrf::observer::Observer;
 use dcrf::prelude::*;
 use dcrf::protocol::{Envelope, FieldsObject};
 use dcrf::testing::LocalConnection;
@@ -64,5 +69,34 @@ fn echo_end_to_end(bencher: divan::Bencher) {
     bencher.bench_local(|| {
         rt.block_on(conn.send(divan::black_box(ECHO)));
         divan::black_box(conn.receive().unwrap())
+    });
+}
+
+/// One event to N subscribers: group send, then each subscriber's handler renders its push.
+#[divan::bench(args = [10, 100, 1000])]
+fn fan_out(bencher: divan::Bencher, subscribers: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let layer = Layer::memory();
+    let observer = Observer::new(&layer, "bench");
+    let rid = serde_json::value::RawValue::from_string("\"sub\"".to_owned()).unwrap();
+    let mut conns: Vec<LocalConnection<Echo>> = (0..subscribers)
+        .map(|_| {
+            let conn = LocalConnection::new(Echo);
+            observer.subscribe(conn.ctx(), "todo-1", Some(&rid));
+            conn
+        })
+        .collect();
+    let body =
+        serde_json::json!({"id": 1, "title": "Write the benchmark", "done": false, "owner": "ada"});
+    bencher.bench_local(|| {
+        rt.block_on(async {
+            observer.send("todo-1", "update", &body).await.unwrap();
+            for conn in &mut conns {
+                conn.process_events().await;
+                divan::black_box(conn.receive().unwrap());
+            }
+        })
     });
 }

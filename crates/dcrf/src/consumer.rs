@@ -2,6 +2,7 @@
 //! [`#[dcrf::consumer]`](macro@crate::consumer) attribute writes for you, the per-connection
 //! [`Ctx`], and what actions return ([`Reply`], [`ApiError`]).
 
+use std::fmt::Write;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -362,6 +363,28 @@ impl Ctx {
         status: u16,
     ) -> Result<(), Closed> {
         let text = self.encode_reply(action, request_id, data, status);
+        self.send_text(text).await
+    }
+
+    /// Sends a reply envelope whose data is already serialized (a push's shared body): the
+    /// envelope is written around the bytes, nothing is re-serialized.
+    pub async fn push(
+        &self,
+        action: &str,
+        request_id: Option<&RawValue>,
+        body: &RawValue,
+        status: u16,
+    ) -> Result<(), Closed> {
+        let rid = request_id.map_or("null", |r| r.get());
+        let mut text = String::with_capacity(body.get().len() + rid.len() + action.len() + 72);
+        text.push_str("{\"errors\":[],\"data\":");
+        text.push_str(body.get());
+        text.push_str(",\"action\":");
+        // Escapes whatever the action name holds.
+        text.push_str(&serde_json::to_string(action).unwrap_or_else(|_| "null".into()));
+        let _ = write!(text, ",\"response_status\":{status},\"request_id\":");
+        text.push_str(rid);
+        text.push('}');
         self.send_text(text).await
     }
 

@@ -193,7 +193,8 @@ pub(crate) struct Subscriptions {
 #[derive(Debug)]
 struct Subscription {
     observer: Arc<str>,
-    request_ids: Vec<Box<RawValue>>,
+    /// Shared with every event being handled, so handling one costs no copy.
+    request_ids: Arc<Vec<Box<RawValue>>>,
     layer: Layer,
 }
 
@@ -204,14 +205,14 @@ impl Subscriptions {
         };
         let sub = groups.entry(group.clone()).or_insert_with(|| Subscription {
             observer: observer.clone(),
-            request_ids: Vec::new(),
+            request_ids: Arc::new(Vec::new()),
             layer: layer.clone(),
         });
         if let Some(rid) = request_id
             && !sub.request_ids.iter().any(|r| r.get() == rid)
             && let Ok(raw) = RawValue::from_string(rid.to_owned())
         {
-            sub.request_ids.push(raw);
+            Arc::make_mut(&mut sub.request_ids).push(raw);
         }
     }
 
@@ -225,7 +226,7 @@ impl Subscriptions {
         };
         match request_id {
             Some(rid) => {
-                sub.request_ids.retain(|r| r.get() != rid);
+                Arc::make_mut(&mut sub.request_ids).retain(|r| r.get() != rid);
                 if sub.request_ids.is_empty() {
                     groups.remove(group);
                     true
@@ -251,7 +252,7 @@ impl Subscriptions {
                 return true;
             }
             let before = sub.request_ids.len();
-            sub.request_ids.retain(|r| r.get() != request_id);
+            Arc::make_mut(&mut sub.request_ids).retain(|r| r.get() != request_id);
             if before != sub.request_ids.len() && sub.request_ids.is_empty() {
                 emptied.push(group.clone());
                 false
@@ -263,7 +264,7 @@ impl Subscriptions {
     }
 
     /// The request ids of a group, if the connection is subscribed to it.
-    pub(crate) fn request_ids(&self, group: &str) -> Option<Vec<Box<RawValue>>> {
+    pub(crate) fn request_ids(&self, group: &str) -> Option<Arc<Vec<Box<RawValue>>>> {
         let groups = self.groups.lock().ok()?;
         groups.get(group).map(|s| s.request_ids.clone())
     }

@@ -590,7 +590,7 @@ pub(crate) async fn handle_event<C: Consumer>(consumer: &mut C, ctx: &Ctx, messa
     };
     let event = Event {
         message,
-        request_ids: &request_ids,
+        request_ids: request_ids.as_slice(),
     };
     if let Err(e) = catch_panic(consumer.handle_event(ctx, &event)).await {
         tracing::error!(connection = ctx.connection_id(), observer = %message.observer, error = %e, "event handler failed");

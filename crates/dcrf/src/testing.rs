@@ -373,6 +373,11 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
         }
     }
 
+    /// The connection's context (to subscribe it, or send through it).
+    pub fn ctx(&self) -> &crate::consumer::Ctx {
+        &self.ctx
+    }
+
     /// Handles one inbound text frame to completion.
     pub async fn send(&mut self, text: &str) {
         crate::server::handle_text(&mut self.consumer, &self.ctx, text).await;

@@ -735,19 +735,23 @@ pub async fn handle_instance_event<C: ModelConsumer>(
     event: &crate::observer::Event<'_>,
 ) -> bool {
     let c: &C = c;
-    if !c.actions().contains(ModelActions::SUBSCRIBE_INSTANCE)
-        || event.observer() != instance_observer_id::<C>()
-    {
+    // `{table}.instance.{type}` without building the string: this runs once per push.
+    let table = <C::Entity as Default>::default().table_name();
+    let is_ours = event
+        .observer()
+        .strip_prefix(table)
+        .and_then(|rest| rest.strip_prefix(".instance."))
+        == Some(std::any::type_name::<C>());
+    if !is_ours || !c.actions().contains(ModelActions::SUBSCRIBE_INSTANCE) {
         return false;
     }
     let c: &C = c;
     let action = event.action();
     // DCRF checks the consumer's permissions for the push as for an action on that pk.
-    let id = instance_observer_id::<C>();
     let pk = event
         .message
         .group
-        .strip_prefix(id.as_str())
+        .strip_prefix(event.observer())
         .and_then(|rest| rest.strip_prefix(':'))
         .unwrap_or("null");
     let text = format!("{{\"pk\":{pk}}}");
@@ -764,7 +768,7 @@ pub async fn handle_instance_event<C: ModelConsumer>(
     }
     if action == ChangeKind::Delete.as_str() {
         for rid in event.request_ids {
-            let _ = ctx.reply(action, Some(rid), event.body(), 204).await;
+            let _ = ctx.push(action, Some(rid), event.body(), 204).await;
         }
         return true;
     }
@@ -782,7 +786,7 @@ pub async fn handle_instance_event<C: ModelConsumer>(
         }
     }
     for rid in event.request_ids {
-        let _ = ctx.reply(action, Some(rid), event.body(), 200).await;
+        let _ = ctx.push(action, Some(rid), event.body(), 200).await;
     }
     true
 }
