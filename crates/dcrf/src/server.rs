@@ -111,7 +111,7 @@ pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
 /// The default event queue length, in group messages, per connection.
 pub const DEFAULT_EVENT_QUEUE: usize = 1024;
 /// The default WebSocket read and write buffer sizes, in bytes, per connection.
-pub const DEFAULT_SOCKET_BUFFERS: (usize, usize) = (4 * 1024, 8 * 1024);
+pub const DEFAULT_SOCKET_BUFFERS: (usize, usize) = (2 * 1024, 8 * 1024);
 
 impl Dcrf {
     /// Anonymous users, [`AllowAny`](crate::permission::AllowAny), 1 MiB messages, a queue of 256
