@@ -499,15 +499,7 @@ impl Txn {
         E::Model: Send + Sync + 'static,
     {
         let observed = self.db.observed(E::default().table_name());
-        let before = if observed {
-            let mut query = E::find().filter(condition.clone());
-            if self.txn.get_database_backend() == DbBackend::Postgres {
-                query = query.lock_exclusive();
-            }
-            query.all(&self.txn).await?
-        } else {
-            Vec::new()
-        };
+        let before = self.rows_to_change::<E>(observed, &condition).await?;
         let result = set(E::update_many().filter(condition))
             .exec(&self.txn)
             .await?;
@@ -533,6 +525,23 @@ impl Txn {
         Ok(result.rows_affected)
     }
 
+    /// The rows a bulk statement is about to change, as they are now (locked on PostgreSQL);
+    /// none when nobody observes the table.
+    async fn rows_to_change<E: EntityTrait>(
+        &self,
+        observed: bool,
+        condition: &Condition,
+    ) -> Result<Vec<E::Model>, Error> {
+        if !observed {
+            return Ok(Vec::new());
+        }
+        let mut query = E::find().filter(condition.clone());
+        if self.txn.get_database_backend() == DbBackend::Postgres {
+            query = query.lock_exclusive();
+        }
+        Ok(query.all(&self.txn).await?)
+    }
+
     /// Deletes every row matching `condition` in one statement; every deleted row is observed.
     /// Returns the number of rows.
     pub async fn delete_where<E>(&mut self, condition: Condition) -> Result<u64, Error>
@@ -541,15 +550,7 @@ impl Txn {
         E::Model: Send + Sync + 'static,
     {
         let observed = self.db.observed(E::default().table_name());
-        let before = if observed {
-            let mut query = E::find().filter(condition.clone());
-            if self.txn.get_database_backend() == DbBackend::Postgres {
-                query = query.lock_exclusive();
-            }
-            query.all(&self.txn).await?
-        } else {
-            Vec::new()
-        };
+        let before = self.rows_to_change::<E>(observed, &condition).await?;
         let result = E::delete_many().filter(condition).exec(&self.txn).await?;
         for model in before {
             let key = Self::key::<E>(&model);
