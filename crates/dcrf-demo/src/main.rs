@@ -4,6 +4,8 @@
 //! dcrf-demo --bind 127.0.0.1:8000
 //! ```
 
+use std::io::Write;
+
 use clap::Parser;
 use dcrf_demo::{DEFAULT_DATABASE, DEFAULT_JWT_SECRET, DemoConfig};
 
@@ -49,9 +51,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (router, app) = dcrf_demo::build(&config).await?;
     let listener = tokio::net::TcpListener::bind(&args.bind).await?;
     let addr = listener.local_addr()?;
-    println!("dcrf-demo listening on {addr}");
+    // Scripts read this line to find the address (port 0 picks one).
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "dcrf-demo listening on {addr}");
+    let _ = out.flush();
     dcrf::serve(listener, router, &app, shutdown_signal()).await?;
-    println!("dcrf-demo stopped");
+    // The reader may be gone by now; a closed stdout is not an error.
+    let _ = writeln!(out, "dcrf-demo stopped");
     Ok(())
 }
 

@@ -35,13 +35,22 @@ impl Demo {
             .stderr(Stdio::null())
             .spawn()
             .expect("start dcrf-demo");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let first = lines.next().expect("a line").expect("stdout");
-        let addr = first
+        let stdout = child.stdout.take().unwrap();
+        // Built before reading, so the process is killed even if the start fails.
+        let mut demo = Demo {
+            child,
+            addr: String::new(),
+        };
+        let first = BufReader::new(stdout)
+            .lines()
+            .next()
+            .expect("a line")
+            .expect("stdout");
+        demo.addr = first
             .strip_prefix("dcrf-demo listening on ")
             .unwrap_or_else(|| panic!("unexpected first line: {first}"))
             .to_owned();
-        Demo { child, addr }
+        demo
     }
 
     fn url(&self, path: &str) -> String {

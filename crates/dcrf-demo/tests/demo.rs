@@ -173,11 +173,14 @@ async fn binary_starts_serves_and_shuts_down_gracefully() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
-    let addr = first
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    let Some(addr) = first
         .strip_prefix("dcrf-demo listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
-        .to_owned();
+        .map(str::to_owned)
+    else {
+        let _ = child.kill();
+        panic!("unexpected first line: {first:?}");
+    };
     let mut c = TestClient::connect(&format!("ws://{addr}/ws/todos/"))
         .await
         .unwrap();
