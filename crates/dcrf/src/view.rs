@@ -10,8 +10,8 @@
 //! | `query` | the query string (`{"a": 1, "tag": ["x", "y"]}` → `?a=1&tag=x&tag=y`) |
 //! | `data` | the JSON body (`Content-Type: application/json`) |
 //!
-//! The socket's [`Scope`] is in the request's extensions (`Extension<Scope>`), and so is the
-//! [`User`] when there is one (`Option<Extension<User>>`), so handlers see who is connected.
+//! The socket's [`Scope`](crate::Scope) is in the request's extensions (`Extension<Scope>`), and so is the
+//! [`User`](crate::User) when there is one (`Option<Extension<User>>`), so handlers see who is connected.
 //!
 //! The reply carries the handler's status. A 2xx body is `data` (JSON, or text when the body is
 //! not JSON); a 4xx/5xx body goes into `errors` (a JSON array as is, any other JSON value or
