@@ -165,17 +165,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
     Counters::add(&counters.errors, lost);
 
     let mut report = Report {
-        scenario: args.scenario.name().to_owned(),
-        label: args.label.clone(),
-        url: url.to_string(),
-        connections: args.connections,
-        connections_open: open,
-        duration_s: args.duration,
-        warmup_s: args.warmup,
         window: args.rate.map(|_| writer_cfg.cap),
-        target_rate: args.rate,
-        threads,
-        client_cores: cores,
         subscribe: Some(args.subscribe.name().to_owned()),
         deliveries: Some(deliveries),
         deliveries_expected: Some(deliveries_expected),
@@ -183,7 +173,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
             shared.delivered_in_window.load(Ordering::Relaxed),
             args.duration(),
         )),
-        ..Report::default()
+        ..Report::for_run(args, &url, open, threads, cores)
     };
     report.set_counters(&counters);
     report.msgs_per_s = per_second(report.received, args.duration());

@@ -92,15 +92,6 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
     }
 
     let mut report = Report {
-        scenario: args.scenario.name().to_owned(),
-        label: args.label.clone(),
-        url: url.to_string(),
-        connections: args.connections,
-        connections_open: open,
-        duration_s: args.duration,
-        warmup_s: args.warmup,
-        threads,
-        client_cores: cores,
         server_rss_before_kib: rss_before,
         server_rss_kib: rss_after,
         rss_per_conn_kib: match (rss_before, rss_after) {
@@ -110,7 +101,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
             _ => None,
         },
         connects_per_s: Some(per_second(open as u64, connect_time)),
-        ..Report::default()
+        ..Report::for_run(args, &url, open, threads, cores)
     };
     report.set_counters(&counters);
     report.set_latency(&recorder.merged());

@@ -93,18 +93,8 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
     let (client_cpu, server_cpu) = cpu.await.unwrap_or_default();
 
     let mut report = Report {
-        scenario: args.scenario.name().to_owned(),
-        label: args.label.clone(),
-        url: url.to_string(),
-        connections: args.connections,
-        connections_open: open,
-        duration_s: args.duration,
-        warmup_s: args.warmup,
         window: Some(in_flight),
-        target_rate: args.rate,
-        threads,
-        client_cores: cores,
-        ..Report::default()
+        ..Report::for_run(args, &url, open, threads, cores)
     };
     report.set_counters(&counters);
     report.msgs_per_s = per_second(report.received, args.duration());

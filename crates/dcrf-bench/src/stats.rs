@@ -260,6 +260,30 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report with the fields every scenario fills the same way: the run's flags, the
+    /// connections opened, and the generator's threads and cores.
+    pub fn for_run(
+        args: &crate::cli::Args,
+        url: &str,
+        connections_open: usize,
+        threads: usize,
+        client_cores: usize,
+    ) -> Report {
+        Report {
+            scenario: args.scenario.name().to_owned(),
+            label: args.label.clone(),
+            url: url.to_owned(),
+            connections: args.connections,
+            connections_open,
+            duration_s: args.duration,
+            warmup_s: args.warmup,
+            target_rate: args.rate,
+            threads,
+            client_cores,
+            ..Report::default()
+        }
+    }
+
     /// Fills the latency fields from a histogram of nanoseconds.
     pub fn set_latency(&mut self, h: &Histogram<u64>) {
         let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
