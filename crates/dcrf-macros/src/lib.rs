@@ -147,13 +147,13 @@ fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2:
     }
 
     let fallback = if args.model {
-        quote! { ::dcrf::model::dispatch_model(self, ctx, action, frame).await }
+        quote! { ::dcrf::__private::dispatch_model(self, ctx, action, frame).await }
     } else {
-        quote! { ::dcrf::Dispatched::Unknown }
+        quote! { ::dcrf::__private::Dispatched::Unknown }
     };
     let handle_event = if args.model {
         quote! {
-            if !::dcrf::model::handle_instance_event(self, ctx, event).await {
+            if !::dcrf::__private::handle_instance_event(self, ctx, event).await {
                 <Self as ::dcrf::Consumer>::on_event(self, ctx, event).await;
             }
         }
@@ -163,7 +163,7 @@ fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2:
     let mounted = args.model.then(|| {
         quote! {
             fn mounted(&self) {
-                ::dcrf::model::register_observers(self);
+                ::dcrf::__private::register_observers(self);
             }
         }
     });
@@ -171,14 +171,14 @@ fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2:
     Ok(quote! {
         #block
 
-        impl #impl_generics ::dcrf::ActionTable for #self_ty #where_clause {
+        impl #impl_generics ::dcrf::__private::ActionTable for #self_ty #where_clause {
             #[allow(clippy::manual_async_fn)]
             fn dispatch<'a>(
                 &'a mut self,
                 ctx: &'a ::dcrf::Ctx,
                 action: &'a str,
                 frame: &'a ::dcrf::Frame<'a>,
-            ) -> impl ::std::future::Future<Output = ::dcrf::Dispatched> + Send + 'a {
+            ) -> impl ::std::future::Future<Output = ::dcrf::__private::Dispatched> + Send + 'a {
                 async move {
                     match action {
                         #(#arms)*
@@ -191,7 +191,7 @@ fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2:
             fn handle_event<'a>(
                 &'a mut self,
                 ctx: &'a ::dcrf::Ctx,
-                event: &'a ::dcrf::observer::Event<'a>,
+                event: &'a ::dcrf::__private::Event<'a>,
             ) -> impl ::std::future::Future<Output = ()> + Send + 'a {
                 async move { #handle_event }
             }
@@ -259,7 +259,7 @@ fn action_arm(spec: &ActionSpec, method: &ImplItemFn) -> syn::Result<proc_macro2
                         Ok(a) => a,
                         Err(e) => {
                             let _ = ctx.send_error(&e, Some(action), frame.request_id()).await;
-                            return ::dcrf::Dispatched::Handled;
+                            return ::dcrf::__private::Dispatched::Handled;
                         }
                     };
                 }
@@ -269,7 +269,7 @@ fn action_arm(spec: &ActionSpec, method: &ImplItemFn) -> syn::Result<proc_macro2
                     #parse
                     let __result = self.#ident(#(#call_args),*).await;
                     ctx.finish(action, frame.request_id(), __result).await;
-                    ::dcrf::Dispatched::Handled
+                    ::dcrf::__private::Dispatched::Handled
                 }
             })
         }
@@ -325,7 +325,7 @@ fn action_arm(spec: &ActionSpec, method: &ImplItemFn) -> syn::Result<proc_macro2
                         Ok(a) => a,
                         Err(e) => {
                             let _ = ctx.send_error(&e, Some(action), frame.request_id()).await;
-                            return ::dcrf::Dispatched::Handled;
+                            return ::dcrf::__private::Dispatched::Handled;
                         }
                     };
                 },
@@ -345,7 +345,7 @@ fn action_arm(spec: &ActionSpec, method: &ImplItemFn) -> syn::Result<proc_macro2
                     #name => {
                         #parse
                         ctx.spawn_action(action, frame.request_id(), Self::#ident(#(#call_args),*));
-                        ::dcrf::Dispatched::Handled
+                        ::dcrf::__private::Dispatched::Handled
                     }
                 })
             } else {
@@ -356,7 +356,7 @@ fn action_arm(spec: &ActionSpec, method: &ImplItemFn) -> syn::Result<proc_macro2
                             Ok(__result) => ctx.finish(action, frame.request_id(), __result).await,
                             Err(e) => { let _ = ctx.send_error(&e, Some(action), frame.request_id()).await; }
                         }
-                        ::dcrf::Dispatched::Handled
+                        ::dcrf::__private::Dispatched::Handled
                     }
                 })
             }

@@ -48,6 +48,7 @@ pub mod auth;
 pub mod capture;
 pub mod consumer;
 pub mod error;
+pub mod extract;
 pub mod layer;
 pub mod model;
 pub mod multiplex;
@@ -63,7 +64,7 @@ pub mod view;
 // Lets `#[dcrf::consumer]` expand inside this crate too.
 extern crate self as dcrf;
 
-pub use consumer::{ActionTable, Closed, Consumer, Ctx, Dispatched, IntoActionResult, Reply};
+pub use consumer::{Closed, Consumer, Ctx, Reply};
 pub use error::{ApiError, Error};
 pub use protocol::Frame;
 pub use scope::{Scope, User};
@@ -128,6 +129,15 @@ pub mod prelude {
     pub use crate::protocol::Frame;
     pub use crate::scope::{Scope, User};
     pub use crate::server::Dcrf;
+}
+
+/// What `#[dcrf::consumer]` expands to; not part of the public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::consumer::{ActionTable, Dispatched, IntoActionResult};
+    pub use crate::extract::FromFrame;
+    pub use crate::model::{dispatch_model, handle_instance_event, register_observers};
+    pub use crate::observer::Event;
 }
 
 /// The README's examples, compiled as doctests.
