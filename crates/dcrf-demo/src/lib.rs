@@ -55,7 +55,7 @@ impl Default for DemoConfig {
 pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Error> {
     let auth = JwtAuth::hs256(config.jwt_secret.as_bytes())?;
     let app = Dcrf::new().authenticator(auth);
-    let layer = dcrf::layer::Layer::from_url(&config.layer).await?;
+    let layer = dcrf::channel::ChannelLayer::from_url(&config.layer).await?;
     let db = dcrf::model::Db::connect_with_layer(&config.database, layer).await?;
     todos::setup(&db, config.seed).await?;
     things::setup(&db).await?;

@@ -5,8 +5,9 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+use dcrf::consumer::Event;
 use dcrf::model::{ChangeKind, Db, ModelActions, ModelConsumer};
-use dcrf::observer::{Event, ModelObserver};
+use dcrf::observer::ModelObserver;
 use dcrf::prelude::*;
 use sea_orm::entity::prelude::*;
 use serde::de::DeserializeOwned;
@@ -97,14 +98,18 @@ pub trait ThingRepr:
 {
     /// The observer id of `subscribe_many` for this representation.
     const MANY: &'static str;
+    /// The observer id of `subscribe_instance` for this representation.
+    const INSTANCE: &'static str;
 }
 
 impl ThingRepr for ThingWithPk {
     const MANY: &'static str = "things.many.pk";
+    const INSTANCE: &'static str = "things.instance.pk";
 }
 
 impl ThingRepr for thing::Model {
     const MANY: &'static str = "things.many.id";
+    const INSTANCE: &'static str = "things.instance.id";
 }
 
 /// CRUD, instance subscriptions and `subscribe_many` over `thing`, in representation `R`.
@@ -166,6 +171,10 @@ impl<R: ThingRepr> ModelConsumer for Things<R> {
     fn actions(&self) -> ModelActions {
         ModelActions::ALL | ModelActions::SUBSCRIBE_INSTANCE
     }
+
+    fn instance_observer_id(&self) -> String {
+        R::INSTANCE.to_owned()
+    }
 }
 
 /// `subscribe_many` / `unsubscribe_many` arguments: no `things` means every thing.
@@ -197,9 +206,9 @@ impl<R: ThingRepr> Things<R> {
         args: Many,
     ) -> Result<Reply<()>, ApiError> {
         for key in args.keys() {
-            self.many.subscribe(ctx, &key, frame.request_id());
+            self.many.subscribe(ctx, &key, frame.request_id()).await;
         }
-        Ok(Reply::with_status((), 201))
+        Ok(Reply::with_status((), dcrf::StatusCode::CREATED))
     }
 
     /// Stops `subscribe_many` for this request id. Replies 204.
@@ -220,10 +229,14 @@ impl<R: ThingRepr> Things<R> {
 impl<R: ThingRepr> Consumer for Things<R> {
     /// `subscribe_many` pushes: status 204 for deletes, 200 otherwise.
     async fn on_event(&mut self, ctx: &Ctx, event: &Event<'_>) {
-        let status = if event.action() == "delete" { 204 } else { 200 };
+        let status = if event.action() == "delete" {
+            dcrf::StatusCode::NO_CONTENT
+        } else {
+            dcrf::StatusCode::OK
+        };
         for rid in event.request_ids {
             let _ = ctx
-                .reply(event.action(), Some(rid), event.body(), status)
+                .push(event.action(), Some(rid), event.body(), status)
                 .await;
         }
     }

@@ -152,7 +152,7 @@ impl Todos {
         ctx: &Ctx,
         frame: &Frame<'_>,
     ) -> Result<Reply<Subscribed>, ApiError> {
-        self.all.subscribe(ctx, "", frame.request_id());
+        self.all.subscribe(ctx, "", frame.request_id()).await;
         Ok(Reply::created(Subscribed { subscribed: true }))
     }
 
@@ -164,7 +164,10 @@ impl Todos {
         frame: &Frame<'_>,
     ) -> Result<Reply<Subscribed>, ApiError> {
         self.all.unsubscribe(ctx, "", frame.request_id());
-        Ok(Reply::with_status(Subscribed { subscribed: false }, 204))
+        Ok(Reply::with_status(
+            Subscribed { subscribed: false },
+            dcrf::StatusCode::NO_CONTENT,
+        ))
     }
 
     /// Sets `done` on many todos in one SQL statement; every changed todo is pushed.

@@ -5,7 +5,7 @@
 //! `fan_out` publishes one event to N local subscribers and runs every subscriber's push
 //! (the default handler: one envelope per subscription around the shared body).
 
-use dcrf::layer::Layer;
+use dcrf::channel::ChannelLayer;
 use dcrf::observer::Observer;
 use dcrf::prelude::*;
 use dcrf::protocol::{Envelope, FieldsObject};
@@ -52,7 +52,7 @@ fn encode_reply(bencher: divan::Bencher) {
             errors: &[],
             data: &frame.fields_object(),
             action: frame.action_str(),
-            response_status: 200,
+            response_status: dcrf::StatusCode::OK,
             request_id: frame.request_id(),
         };
         divan::black_box(env.to_json().unwrap())
@@ -78,16 +78,17 @@ fn fan_out(bencher: divan::Bencher, subscribers: usize) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let layer = Layer::memory();
+    let layer = ChannelLayer::memory();
     let observer = Observer::new(&layer, "bench");
     let rid = serde_json::value::RawValue::from_string("\"sub\"".to_owned()).unwrap();
     let mut conns: Vec<LocalConnection<Echo>> = (0..subscribers)
-        .map(|_| {
-            let conn = LocalConnection::new(Echo);
-            observer.subscribe(conn.ctx(), "todo-1", Some(&rid));
-            conn
-        })
+        .map(|_| LocalConnection::new(Echo))
         .collect();
+    rt.block_on(async {
+        for conn in &conns {
+            observer.subscribe(conn.ctx(), "todo-1", Some(&rid)).await;
+        }
+    });
     let body =
         serde_json::json!({"id": 1, "title": "Write the benchmark", "done": false, "owner": "ada"});
     bencher.bench_local(|| {

@@ -42,14 +42,45 @@
 //! - [`permission`]: [`Permission`](permission::Permission) and its `&`, `|`, `!`;
 //! - [`auth`]: token and JWT authentication at the handshake;
 //! - [`server`]: application settings ([`Dcrf`]), mounting, the connection task, shutdown;
-//! - [`error`]: [`ApiError`] (what actions answer) and [`Error`] (the framework's failures).
+//! - [`error`]: [`ApiError`] (what actions answer) and [`Error`] (the framework's failures);
+//! - [`extract`]: [`FromFrame`](extract::FromFrame), how action parameters are built;
+//! - [`multiplex`] and [`view`]: several consumers on one socket; axum routes as actions;
+//! - [`change`]: the change record the write path publishes;
+//! - [`channel`]: the channel layer (local hub + broker: memory, Redis);
+//! - [`observer`]: observers, model observers and their registry;
+//! - `model` (feature `model`): model consumers, the database and its transactions;
+//! - `capture` (feature `capture`): observing writes the framework did not make;
+//! - `testing` (feature `testing`): a test server and client.
+//!
+//! ## Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `sqlite` | yes | model consumers on SQLite (implies `model`; builds the bundled SQLite) |
+//! | `jwt` | yes | `auth::JwtAuth` |
+//! | `model` | via `sqlite` | `dcrf::model` (sea-orm, garde) |
+//! | `postgres` | no | model consumers on PostgreSQL (implies `model`) |
+//! | `redis` | no | `channel::RedisBroker`, for several nodes |
+//! | `capture` | no | `dcrf::capture` |
+//! | `testing` | no | `dcrf::testing` |
+//!
+//! `default-features = false` leaves the consumer core: the protocol, consumers, permissions,
+//! token authentication, serving, multiplexing, observers and the in-memory channel layer,
+//! without sea-orm, sqlx or any C code.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod auth;
+#[cfg(feature = "capture")]
+#[cfg_attr(docsrs, doc(cfg(feature = "capture")))]
 pub mod capture;
+pub mod change;
+pub mod channel;
 pub mod consumer;
 pub mod error;
 pub mod extract;
-pub mod layer;
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 pub mod model;
 pub mod multiplex;
 pub mod observer;
@@ -57,7 +88,9 @@ pub mod permission;
 pub mod protocol;
 pub mod scope;
 pub mod server;
+mod sync;
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod view;
 
@@ -69,6 +102,18 @@ pub use error::{ApiError, Error};
 pub use protocol::Frame;
 pub use scope::{Scope, User};
 pub use server::{Dcrf, serve};
+
+pub use axum::http::StatusCode;
+/// The garde version dcrf validates with (`garde::Validate` on a model consumer's `Input`).
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
+pub use garde;
+/// The sea-orm version dcrf's model consumers are built on.
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
+pub use sea_orm;
+pub use serde;
+pub use serde_json;
 
 /// Turns an `impl` block into a consumer's action table.
 ///
@@ -134,10 +179,11 @@ pub mod prelude {
 /// What `#[dcrf::consumer]` expands to; not part of the public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::consumer::Event;
     pub use crate::consumer::{ActionTable, Dispatched, IntoActionResult};
     pub use crate::extract::FromFrame;
+    #[cfg(feature = "model")]
     pub use crate::model::{dispatch_model, handle_instance_event, register_observers};
-    pub use crate::observer::Event;
 }
 
 /// The README's examples, compiled as doctests.

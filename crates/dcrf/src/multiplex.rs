@@ -48,9 +48,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::auth::BoxFuture;
+use crate::channel::GroupMessage;
 use crate::consumer::{Consumer, Link, Outbound, wrap_stream};
 use crate::error::ApiError;
-use crate::layer::GroupMessage;
 use crate::protocol::{Frame, encode_error};
 use crate::scope::Scope;
 use crate::server::{Dcrf, DynStream, Session, StreamSession, binary_error};
@@ -242,7 +242,7 @@ impl Session for MuxSession {
                     let action = frame.as_ref().and_then(|f| f.action_str());
                     let rid = frame.as_ref().and_then(|f| f.request_id());
                     let err = ApiError::new(
-                        404,
+                        axum::http::StatusCode::NOT_FOUND,
                         vec![serde_json::Value::String(format!(
                             "Unknown stream \"{name}\"."
                         ))],

@@ -1,6 +1,7 @@
 //! Observers and subscriptions: DCRF's `@observer` and `@model_observer`.
 //!
-//! An [`Observer`] is a named source of events sent to groups through the [`Layer`]. A
+//! An [`Observer`] is a named source of events sent to groups through the
+//! [`ChannelLayer`]. A
 //! connection subscribes to one of its groups with a key (DCRF's `groups_for_consumer`) and an
 //! optional `request_id`; each event then reaches the consumer's
 //! [`on_event`](crate::Consumer::on_event) with the request ids subscribed to the group it came
@@ -8,8 +9,9 @@
 //! `{"errors": [], "data": <body>, "action": <action>, "response_status": 200, "request_id": <id>}`
 //! once per request id.
 //!
-//! A [`ModelObserver`] turns committed database changes into events: it is registered on the
-//! [`Db`](crate::model::Db), and every change made through a [`Txn`](crate::model::Txn) is
+//! A [`ModelObserver`] turns committed database changes into events: it is registered in the
+//! [`Observers`] registry (through [`Db::observe`](crate::model::Db::observe) for a sea-orm
+//! entity), and every change made through a [`Txn`](crate::model::Txn) is
 //! offered to it **after commit**, once per object per transaction, with the object's final
 //! state. Its `group_by` function (DCRF's `groups_for_signal`) places an object in groups; an
 //! object that moves between groups yields `delete` for the groups it left, `update` for those
@@ -33,34 +35,38 @@
 //! let by_owner = db.observe::<todo::Entity>("todos-by-owner")
 //!     .group_by(|t: &todo::Model| vec![t.owner.clone()])
 //!     .serialize(|t: &todo::Model, _| t.clone());
-//! // In an action: by_owner.subscribe(ctx, "alice", request_id);
+//! // In an action: by_owner.subscribe(ctx, "alice", request_id).await;
 //! # let _ = by_owner;
 //! # Ok(()) }
 //! ```
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
+pub use crate::change::ChangeKind;
+use crate::change::{Change, ChangeSink, Object};
+use crate::channel::{ChannelLayer, GroupMessage};
 use crate::consumer::Ctx;
 use crate::error::Error;
-use crate::layer::{GroupMessage, Layer, Object};
-
-pub use crate::model::ChangeKind;
+use crate::sync::{lock, read, write};
 
 /// A named source of events (DCRF's `@observer`): send to a group, subscribe connections.
 #[derive(Clone, Debug)]
 pub struct Observer {
     id: Arc<str>,
-    layer: Layer,
+    layer: ChannelLayer,
 }
 
 impl Observer {
-    /// An observer on a layer. The id names its groups; keep it unique and stable across
-    /// nodes.
-    pub fn new(layer: &Layer, id: &str) -> Observer {
+    /// An observer on a channel layer. The id names its groups; keep it unique and stable
+    /// across nodes and deploys.
+    pub fn new(layer: &ChannelLayer, id: &str) -> Observer {
         Observer {
             id: id.into(),
             layer: layer.clone(),
@@ -86,24 +92,24 @@ impl Observer {
     ) -> Result<(), Error> {
         let body = RawValue::from_string(serde_json::to_string(body)?)?;
         self.layer
-            .group_send(GroupMessage {
-                observer: self.id.clone(),
-                group: self.group(key),
-                action: action.into(),
-                body: body.into(),
-                object: None,
-                object_json: None,
-            })
+            .group_send(GroupMessage::new(
+                self.id.clone(),
+                self.group(key),
+                action.into(),
+                body.into(),
+            ))
             .await
     }
 
     /// Subscribes the connection to the group of `key`, remembering `request_id` (if any) for
-    /// the pushes. Subscribing twice with the same request id is a no-op.
-    pub fn subscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) {
+    /// the pushes. Subscribing twice with the same request id is a no-op. Returns once the
+    /// subscription is live on every node: a change committed after this returns reaches the
+    /// connection.
+    pub async fn subscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) {
         let group = self.group(key);
         ctx.subscriptions()
-            .add(&self.id, &group, request_id.map(|r| r.get()), &self.layer);
-        self.layer.group_add(&group, &ctx.member());
+            .add(&self.id, &group, request_id, &self.layer);
+        self.layer.group_add(&group, &ctx.member()).await;
     }
 
     /// Unsubscribes: with a request id, removes that id from the group (the connection stays
@@ -129,156 +135,9 @@ impl Observer {
         }
     }
 
-    pub(crate) fn layer(&self) -> &Layer {
+    /// The channel layer the observer sends through.
+    pub fn layer(&self) -> &ChannelLayer {
         &self.layer
-    }
-}
-
-/// One event as a consumer's handler sees it.
-#[derive(Debug)]
-pub struct Event<'a> {
-    /// The message (observer, group, action, body, typed object).
-    pub message: &'a GroupMessage,
-    /// The request ids this connection subscribed to the message's group with, in
-    /// subscription order (raw JSON, echoed verbatim).
-    pub request_ids: &'a [Box<RawValue>],
-}
-
-impl Event<'_> {
-    /// The observer's id.
-    pub fn observer(&self) -> &str {
-        &self.message.observer
-    }
-
-    /// `create`, `update`, `delete`, or a custom word.
-    pub fn action(&self) -> &str {
-        &self.message.action
-    }
-
-    /// The serialized body.
-    pub fn body(&self) -> &RawValue {
-        &self.message.body
-    }
-
-    /// The typed object (a model instance), when the observer carries one.
-    pub fn object<T: 'static>(&self) -> Option<&T> {
-        self.message.object.as_deref()?.downcast_ref::<T>()
-    }
-}
-
-/// The default push: one reply envelope per subscribing request id (or one with
-/// `request_id: null` when the subscription had none), status 200, `data` = the body.
-pub async fn default_push(ctx: &Ctx, event: &Event<'_>) {
-    if event.request_ids.is_empty() {
-        let _ = ctx.reply(event.action(), None, event.body(), 200).await;
-        return;
-    }
-    for rid in event.request_ids {
-        if ctx
-            .reply(event.action(), Some(rid), event.body(), 200)
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
-}
-
-/// The subscriptions of one connection: group → observer and request ids.
-#[derive(Debug, Default)]
-pub(crate) struct Subscriptions {
-    groups: std::sync::Mutex<HashMap<Arc<str>, Subscription>>,
-}
-
-#[derive(Debug)]
-struct Subscription {
-    observer: Arc<str>,
-    /// Shared with every event being handled, so handling one costs no copy.
-    request_ids: Arc<Vec<Box<RawValue>>>,
-    layer: Layer,
-}
-
-impl Subscriptions {
-    fn add(&self, observer: &Arc<str>, group: &Arc<str>, request_id: Option<&str>, layer: &Layer) {
-        let Ok(mut groups) = self.groups.lock() else {
-            return;
-        };
-        let sub = groups.entry(group.clone()).or_insert_with(|| Subscription {
-            observer: observer.clone(),
-            request_ids: Arc::new(Vec::new()),
-            layer: layer.clone(),
-        });
-        if let Some(rid) = request_id
-            && !sub.request_ids.iter().any(|r| r.get() == rid)
-            && let Ok(raw) = RawValue::from_string(rid.to_owned())
-        {
-            Arc::make_mut(&mut sub.request_ids).push(raw);
-        }
-    }
-
-    /// Returns true when the connection should leave the group.
-    fn remove(&self, group: &str, request_id: Option<&str>) -> bool {
-        let Ok(mut groups) = self.groups.lock() else {
-            return false;
-        };
-        let Some(sub) = groups.get_mut(group) else {
-            return false;
-        };
-        match request_id {
-            Some(rid) => {
-                Arc::make_mut(&mut sub.request_ids).retain(|r| r.get() != rid);
-                if sub.request_ids.is_empty() {
-                    groups.remove(group);
-                    true
-                } else {
-                    false
-                }
-            }
-            None => {
-                groups.remove(group);
-                true
-            }
-        }
-    }
-
-    /// Removes a request id from all groups of an observer; returns the groups left empty.
-    fn remove_request(&self, observer: &str, request_id: &str) -> Vec<Arc<str>> {
-        let Ok(mut groups) = self.groups.lock() else {
-            return Vec::new();
-        };
-        let mut emptied = Vec::new();
-        groups.retain(|group, sub| {
-            if &*sub.observer != observer {
-                return true;
-            }
-            let before = sub.request_ids.len();
-            Arc::make_mut(&mut sub.request_ids).retain(|r| r.get() != request_id);
-            if before != sub.request_ids.len() && sub.request_ids.is_empty() {
-                emptied.push(group.clone());
-                false
-            } else {
-                true
-            }
-        });
-        emptied
-    }
-
-    /// The request ids of a group, if the connection is subscribed to it.
-    pub(crate) fn request_ids(&self, group: &str) -> Option<Arc<Vec<Box<RawValue>>>> {
-        let groups = self.groups.lock().ok()?;
-        groups.get(group).map(|s| s.request_ids.clone())
-    }
-
-    /// Leaves every group (on disconnect).
-    pub(crate) fn leave_all(&self, member_id: u64) {
-        let all: Vec<(Arc<str>, Subscription)> = self
-            .groups
-            .lock()
-            .map(|mut g| g.drain().collect())
-            .unwrap_or_default();
-        for (group, sub) in all {
-            sub.layer.group_discard(&group, member_id);
-        }
     }
 }
 
@@ -287,8 +146,9 @@ type GroupFn<M> = Arc<dyn Fn(&M) -> Vec<String> + Send + Sync>;
 type SerializeFn<M> =
     Arc<dyn Fn(&M, ChangeKind) -> Result<String, serde_json::Error> + Send + Sync>;
 
-/// Observes one entity's committed changes (DCRF's `@model_observer`). Built by
-/// [`Db::observe`](crate::model::Db::observe); cheap to clone.
+/// Observes one table's committed changes (DCRF's `@model_observer`). Built by
+/// [`Db::observe`](crate::model::Db::observe) (or [`Observers::register`]); shared as an
+/// `Arc`.
 pub struct ModelObserver<M> {
     pub(crate) observer: Observer,
     group_by: std::sync::RwLock<GroupFn<M>>,
@@ -305,7 +165,7 @@ impl<M> std::fmt::Debug for ModelObserver<M> {
 }
 
 impl<M: Send + Sync + 'static> ModelObserver<M> {
-    pub(crate) fn new(observer: Observer, pk: fn(&M) -> serde_json::Value) -> Self {
+    fn new(observer: Observer, pk: fn(&M) -> serde_json::Value) -> Self {
         ModelObserver {
             observer,
             group_by: std::sync::RwLock::new(Arc::new(|_: &M| vec![String::new()])),
@@ -320,9 +180,7 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
     where
         F: Fn(&M) -> Vec<String> + Send + Sync + 'static,
     {
-        if let Ok(mut g) = self.group_by.write() {
-            *g = Arc::new(f);
-        }
+        *write(&self.group_by) = Arc::new(f);
         self
     }
 
@@ -333,11 +191,9 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
         F: Fn(&M, ChangeKind) -> T + Send + Sync + 'static,
         T: Serialize,
     {
-        if let Ok(mut s) = self.serializer.write() {
-            *s = Some(Arc::new(move |m: &M, kind| {
-                serde_json::to_string(&f(m, kind))
-            }));
-        }
+        *write(&self.serializer) = Some(Arc::new(move |m: &M, kind| {
+            serde_json::to_string(&f(m, kind))
+        }));
         self
     }
 
@@ -347,8 +203,8 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
     }
 
     /// Subscribes the connection to the group of `key` (see [`Observer::subscribe`]).
-    pub fn subscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) {
-        self.observer.subscribe(ctx, key, request_id);
+    pub async fn subscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) {
+        self.observer.subscribe(ctx, key, request_id).await;
     }
 
     /// Unsubscribes (see [`Observer::unsubscribe`]).
@@ -357,15 +213,12 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
     }
 
     fn groups(&self, object: &M) -> Vec<String> {
-        let f = self.group_by.read().map(|g| g.clone());
-        match f {
-            Ok(f) => f(object),
-            Err(_) => Vec::new(),
-        }
+        let f = read(&self.group_by).clone();
+        f(object)
     }
 
     fn body(&self, object: &M, kind: ChangeKind) -> Result<Arc<RawValue>, Error> {
-        let serializer = self.serializer.read().ok().and_then(|s| s.clone());
+        let serializer = read(&self.serializer).clone();
         let text = match serializer {
             Some(f) => f(object, kind)?,
             None => serde_json::to_string(&serde_json::json!({ "pk": (self.pk)(object) }))?,
@@ -404,14 +257,15 @@ where
                 None
             };
             let object: Object = object.clone();
-            out.push(GroupMessage {
-                observer: self.observer.id.clone(),
-                group: self.observer.group(key),
-                action: kind.as_str().into(),
-                body: body.clone(),
-                object: Some(object),
-                object_json,
-            });
+            out.push(
+                GroupMessage::new(
+                    self.observer.id.clone(),
+                    self.observer.group(key),
+                    kind.as_str().into(),
+                    body.clone(),
+                )
+                .with_object(Some(object), object_json),
+            );
             Ok(())
         };
         if let Some(old) = &old {
@@ -443,5 +297,280 @@ where
             }
         }
         Ok(out)
+    }
+}
+
+/// A model observer without its model type, as the commit path sees it.
+trait ErasedObserver: Send + Sync {
+    fn messages(
+        &self,
+        old: Option<&Object>,
+        new: Option<&Object>,
+    ) -> Result<Vec<GroupMessage>, Error>;
+}
+
+impl<M: Serialize + Send + Sync + 'static> ErasedObserver for ModelObserver<M> {
+    fn messages(
+        &self,
+        old: Option<&Object>,
+        new: Option<&Object>,
+    ) -> Result<Vec<GroupMessage>, Error> {
+        ModelObserver::messages(self, old, new)
+    }
+}
+
+/// The observer registry of one application: the model observers by table and by id, and the
+/// channel layer they publish to. It is the [`ChangeSink`] of the write path: each committed
+/// change is offered to the observers of its table. Cheap to clone.
+#[derive(Clone)]
+pub struct Observers {
+    inner: Arc<Registry>,
+}
+
+struct Registry {
+    layer: ChannelLayer,
+    by_table: RwLock<HashMap<&'static str, Vec<Arc<dyn ErasedObserver>>>>,
+    by_id: RwLock<HashMap<String, Arc<dyn Any + Send + Sync>>>,
+    /// Which Rust type owns an observer id that must not be shared (instance observers).
+    #[cfg_attr(not(feature = "model"), allow(dead_code))]
+    owners: Mutex<HashMap<String, (TypeId, &'static str)>>,
+}
+
+impl std::fmt::Debug for Observers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observers")
+            .field("layer", &self.inner.layer)
+            .field("ids", &read(&self.inner.by_id).keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Observers {
+    /// An empty registry publishing through `layer`.
+    pub fn new(layer: ChannelLayer) -> Observers {
+        Observers {
+            inner: Arc::new(Registry {
+                layer,
+                by_table: RwLock::new(HashMap::new()),
+                by_id: RwLock::new(HashMap::new()),
+                owners: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The channel layer observers publish to.
+    pub fn layer(&self) -> &ChannelLayer {
+        &self.inner.layer
+    }
+
+    /// The model observer registered as `id`, if any (and if its model type is `M`).
+    pub fn get<M: Send + Sync + 'static>(&self, id: &str) -> Option<Arc<ModelObserver<M>>> {
+        read(&self.inner.by_id)
+            .get(id)
+            .cloned()
+            .and_then(|a| a.downcast::<ModelObserver<M>>().ok())
+    }
+
+    /// Registers (or finds) the model observer `id` of `table`, whose objects are `M` with the
+    /// primary key `pk`. [`Db::observe`](crate::model::Db::observe) calls this for an entity.
+    ///
+    /// # Panics
+    ///
+    /// If `id` is already registered for another model type: two observers cannot share a
+    /// name, since the name is what their groups are called on every node.
+    pub fn register<M>(
+        &self,
+        table: &'static str,
+        id: &str,
+        pk: fn(&M) -> serde_json::Value,
+    ) -> Arc<ModelObserver<M>>
+    where
+        M: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
+        let mut by_id = write(&self.inner.by_id);
+        if let Some(existing) = by_id.get(id) {
+            return existing
+                .clone()
+                .downcast::<ModelObserver<M>>()
+                .unwrap_or_else(|_| {
+                    panic!("the observer id {id:?} is already registered for another model")
+                });
+        }
+        let observer = Arc::new(ModelObserver::new(Observer::new(&self.inner.layer, id), pk));
+        self.inner.layer.register_decoder(
+            id.into(),
+            Arc::new(|json: &str| {
+                serde_json::from_str::<M>(json)
+                    .ok()
+                    .map(|m| Arc::new(m) as Object)
+            }),
+        );
+        by_id.insert(id.to_owned(), observer.clone());
+        write(&self.inner.by_table)
+            .entry(table)
+            .or_default()
+            .push(observer.clone());
+        observer
+    }
+
+    /// Claims `id` for the Rust type `owner` (named `owner_name` in the message); panics when
+    /// another type claimed it first. Model consumers claim their instance observer's id when
+    /// mounted, so two consumers of one table cannot silently push each other's bodies.
+    #[cfg_attr(not(feature = "model"), allow(dead_code))]
+    pub(crate) fn claim(&self, id: &str, owner: TypeId, owner_name: &'static str) {
+        let mut owners = lock(&self.inner.owners);
+        match owners.get(id) {
+            Some((first, first_name)) if *first != owner => panic!(
+                "the consumers {first_name} and {owner_name} both use the instance observer \
+                 {id:?}: give one of them its own `ModelConsumer::instance_observer_id`"
+            ),
+            Some(_) => {}
+            None => {
+                owners.insert(id.to_owned(), (owner, owner_name));
+            }
+        }
+    }
+}
+
+impl ChangeSink for Observers {
+    fn observes(&self, table: &str) -> bool {
+        read(&self.inner.by_table).contains_key(table)
+    }
+
+    fn publish<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let observers = read(&self.inner.by_table)
+                .get(change.table)
+                .cloned()
+                .unwrap_or_default();
+            for observer in observers {
+                match observer.messages(change.old.as_ref(), change.new.as_ref()) {
+                    Ok(messages) => {
+                        for message in messages {
+                            if let Err(e) = self.inner.layer.group_send(message).await {
+                                tracing::error!(error = %e, table = change.table, "cannot publish a change");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, table = change.table, "cannot serialize a change")
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+    struct Todo {
+        id: i32,
+        owner: String,
+    }
+
+    fn pk(t: &Todo) -> serde_json::Value {
+        t.id.into()
+    }
+
+    fn obj(id: i32, owner: &str) -> Object {
+        Arc::new(Todo {
+            id,
+            owner: owner.into(),
+        })
+    }
+
+    /// (group, action, body) of each message.
+    fn run(old: Option<Object>, new: Option<Object>) -> Vec<(String, String, String)> {
+        let observers = Observers::new(ChannelLayer::memory());
+        let o = observers
+            .register::<Todo>("todo", "by-owner", pk)
+            .group_by(|t: &Todo| vec![t.owner.clone()])
+            .serialize(|t: &Todo, kind| format!("{}:{}", kind.as_str(), t.id));
+        o.messages(old.as_ref(), new.as_ref())
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                (
+                    m.group.to_string(),
+                    m.action.to_string(),
+                    m.body.get().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    fn m(group: &str, action: &str, body: &str) -> (String, String, String) {
+        (group.into(), action.into(), format!("\"{body}\""))
+    }
+
+    #[test]
+    fn a_create_enters_the_groups_of_the_new_object() {
+        assert_eq!(
+            run(None, Some(obj(1, "ann"))),
+            [m("by-owner:ann", "create", "create:1")]
+        );
+    }
+
+    #[test]
+    fn an_update_within_a_group_is_an_update() {
+        assert_eq!(
+            run(Some(obj(1, "ann")), Some(obj(1, "ann"))),
+            [m("by-owner:ann", "update", "update:1")]
+        );
+    }
+
+    #[test]
+    fn moving_between_groups_deletes_from_the_old_and_creates_in_the_new() {
+        assert_eq!(
+            run(Some(obj(1, "ann")), Some(obj(1, "bob"))),
+            [
+                m("by-owner:ann", "delete", "delete:1"),
+                m("by-owner:bob", "create", "create:1")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_delete_leaves_the_groups_of_the_old_object() {
+        assert_eq!(
+            run(Some(obj(1, "ann")), None),
+            [m("by-owner:ann", "delete", "delete:1")]
+        );
+    }
+
+    #[test]
+    fn the_default_body_is_the_pk_and_the_default_group_is_one() {
+        let observers = Observers::new(ChannelLayer::memory());
+        let o = observers.register::<Todo>("todo", "all", pk);
+        let out = o.messages(None, Some(&obj(7, "x"))).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(&*out[0].group, "all:");
+        assert_eq!(out[0].body.get(), r#"{"pk":7}"#);
+        assert!(
+            out[0].object_json.is_none(),
+            "no JSON copy on a local layer"
+        );
+    }
+
+    #[test]
+    fn registering_an_id_twice_returns_the_same_observer() {
+        let observers = Observers::new(ChannelLayer::memory());
+        let a = observers.register::<Todo>("todo", "x", pk);
+        let b = observers.register::<Todo>("todo", "x", pk);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(observers.observes("todo"));
+        assert!(!observers.observes("other"));
+    }
+
+    #[test]
+    #[should_panic(expected = "both use the instance observer")]
+    fn two_types_cannot_claim_one_instance_observer() {
+        let observers = Observers::new(ChannelLayer::memory());
+        observers.claim("todo.instance", TypeId::of::<u8>(), "A");
+        observers.claim("todo.instance", TypeId::of::<u8>(), "A");
+        observers.claim("todo.instance", TypeId::of::<u16>(), "B");
     }
 }

@@ -258,7 +258,7 @@ pub struct Envelope<'a, D: ?Sized> {
     /// The action this replies to (`null` when the request had none).
     pub action: Option<&'a str>,
     /// HTTP-like status code.
-    pub response_status: u16,
+    pub response_status: axum::http::StatusCode,
     /// The request's `request_id`, verbatim (`null` when absent).
     pub request_id: Option<&'a RawValue>,
 }
@@ -269,7 +269,7 @@ impl<D: Serialize + ?Sized> Serialize for Envelope<'_, D> {
         s.serialize_field("errors", self.errors)?;
         s.serialize_field("data", self.data)?;
         s.serialize_field("action", &self.action)?;
-        s.serialize_field("response_status", &self.response_status)?;
+        s.serialize_field("response_status", &self.response_status.as_u16())?;
         s.serialize_field("request_id", &self.request_id)?;
         s.end()
     }
@@ -392,7 +392,7 @@ mod tests {
             errors: &[],
             data: &f.fields_object(),
             action: f.action_str(),
-            response_status: 200,
+            response_status: axum::http::StatusCode::OK,
             request_id: f.request_id(),
         };
         assert_eq!(

@@ -51,10 +51,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::BoxFuture;
 use crate::auth::{Authenticator, NoAuth, query_pairs};
+use crate::channel::{Delivery, GroupMessage};
+use crate::consumer::Event;
 use crate::consumer::{Consumer, Ctx, Dispatched, Link, Outbound, catch_panic};
 use crate::error::ApiError;
-use crate::layer::{Delivery, GroupMessage};
-use crate::observer::Event;
 use crate::permission::{Permission, Permissions};
 use crate::protocol::Frame;
 use crate::scope::{Scope, parse_cookies};
@@ -417,7 +417,7 @@ impl<C: Consumer> StreamSession<C> {
                 if e.is_server_error() {
                     tracing::error!(error = %e, "connect hook failed");
                 }
-                let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN);
+                let status = e.status();
                 Err((status, "connection refused").into_response())
             }
         }

@@ -195,6 +195,8 @@ impl TestClient {
     }
 }
 
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 /// The databases a model test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestBackend {
@@ -204,6 +206,8 @@ pub enum TestBackend {
     Postgres,
 }
 
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 /// A fresh, empty database for one test: in-memory SQLite, or a new schema in the PostgreSQL
 /// database of `DATABASE_URL` (the connection's `search_path` points at it).
 ///
@@ -227,6 +231,8 @@ pub async fn test_db(backend: TestBackend) -> Option<crate::model::Db> {
     }
 }
 
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 /// Creates a uniquely named schema and connects with `search_path` set to it.
 pub async fn postgres_schema(url: &str) -> crate::model::Db {
     let scoped = postgres_schema_url(url).await;
@@ -235,6 +241,8 @@ pub async fn postgres_schema(url: &str) -> crate::model::Db {
         .expect("connect to test schema")
 }
 
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 /// Creates a uniquely named schema and returns a URL whose connections use it (for servers
 /// started as separate processes).
 pub async fn postgres_schema_url(url: &str) -> String {
@@ -262,6 +270,8 @@ pub async fn postgres_schema_url(url: &str) -> String {
     format!("{url}{sep}options=-c%20search_path%3D{schema}")
 }
 
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 /// Drops the schema a PostgreSQL test database was created in (see [`test_db`]); does nothing
 /// for other databases.
 pub async fn drop_test_db(db: crate::model::Db) {
@@ -287,6 +297,8 @@ pub async fn drop_test_db(db: crate::model::Db) {
     }
 }
 
+#[cfg(feature = "model")]
+#[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 /// Declares a test that runs once per backend: `mod name { sqlite, postgres }`, calling
 /// `async fn name(db: Db)`.
 ///
@@ -345,7 +357,7 @@ pub struct LocalConnection<C> {
     consumer: C,
     ctx: crate::consumer::Ctx,
     rx: tokio::sync::mpsc::Receiver<crate::consumer::Outbound>,
-    inbox: tokio::sync::mpsc::Receiver<crate::layer::Delivery>,
+    inbox: tokio::sync::mpsc::Receiver<crate::channel::Delivery>,
 }
 
 impl<C: crate::consumer::Consumer> LocalConnection<C> {

@@ -44,9 +44,9 @@ use axum::http::{Method, Request, header};
 use serde_json::Value;
 use tower::ServiceExt;
 
+use crate::consumer::Event;
 use crate::consumer::{ActionTable, Consumer, Ctx, Dispatched, Reply};
 use crate::error::ApiError;
-use crate::observer::Event;
 use crate::protocol::Frame;
 
 /// The largest response body read from a handler.
@@ -131,7 +131,7 @@ impl ViewConsumer {
             .oneshot(request)
             .await
             .map_err(ApiError::internal)?;
-        let status = response.status().as_u16();
+        let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY)
             .await
             .map_err(ApiError::internal)?;
@@ -141,7 +141,7 @@ impl ViewConsumer {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        if status < 400 {
+        if !status.is_client_error() && !status.is_server_error() {
             return Ok(Reply::with_status(body, status));
         }
         let errors = match body {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dcrf::layer::Layer;
+use dcrf::channel::ChannelLayer;
 use dcrf::observer::Observer;
 use dcrf::prelude::*;
 use dcrf::testing::{TestClient, TestServer};
@@ -18,8 +18,8 @@ struct Feed {
 impl Feed {
     #[action]
     async fn follow(&mut self, ctx: &Ctx, frame: &Frame<'_>) -> Result<Reply<()>, ApiError> {
-        self.feed.subscribe(ctx, "news", frame.request_id());
-        Ok(Reply::with_status((), 201))
+        self.feed.subscribe(ctx, "news", frame.request_id()).await;
+        Ok(Reply::with_status((), dcrf::StatusCode::CREATED))
     }
 }
 
@@ -27,7 +27,7 @@ impl Consumer for Feed {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_dropped_and_others_are_not_delayed() {
-    let layer = Layer::memory();
+    let layer = ChannelLayer::memory();
     let feed = Observer::new(&layer, "feed");
     let app = Dcrf::new().outbound_queue(4).event_queue(8);
     let consumer = Feed { feed: feed.clone() };

@@ -66,7 +66,9 @@ impl Watch {
         frame: &Frame<'_>,
         args: ByOwner,
     ) -> Result<Reply<&'static str>, ApiError> {
-        self.items.subscribe(ctx, &args.owner, frame.request_id());
+        self.items
+            .subscribe(ctx, &args.owner, frame.request_id())
+            .await;
         Ok(Reply::ok("subscribed"))
     }
 
@@ -78,7 +80,9 @@ impl Watch {
         frame: &Frame<'_>,
         args: ByTable,
     ) -> Result<Reply<&'static str>, ApiError> {
-        resync_observer(&self.db).subscribe(ctx, &args.table, frame.request_id());
+        resync_observer(&self.db)
+            .subscribe(ctx, &args.table, frame.request_id())
+            .await;
         Ok(Reply::ok("subscribed"))
     }
 }
@@ -558,7 +562,11 @@ async fn framework_writes_are_published_once(db: Db) {
 // ---------------------------------------------------------------------------------------------
 
 async fn sqlite_db() -> Db {
-    test_db(TestBackend::Sqlite).await.unwrap()
+    Db::options("sqlite::memory:")
+        .capture()
+        .connect()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -706,15 +714,18 @@ async fn capture_checks_its_backend() {
         .unwrap_err();
     assert!(err.to_string().contains("cannot watch"), "{err}");
 
-    // A database not opened with `Db::connect` has no hooks on its connections.
+    // A database not opened with `Db::options(url).capture()` has no hooks on its connections.
     let conn = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
-    let wrapped = Db::from_connection(conn, dcrf::layer::Layer::memory());
+    let wrapped = Db::from_connection(conn, dcrf::channel::ChannelLayer::memory());
     let err = Capture::sqlite(&wrapped)
         .watch::<item::Entity>()
         .start()
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("Db::connect"), "{err}");
+    assert!(
+        err.to_string().contains("Db::options(url).capture()"),
+        "{err}"
+    );
 
     // One capture per database.
     let _first = Capture::new(&db)

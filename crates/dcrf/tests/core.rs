@@ -105,7 +105,10 @@ impl TestConsumer {
     #[action(detached)]
     async fn detached_throttled(ctx: Ctx) -> Result<Reply<()>, ApiError> {
         ctx_probes(&ctx).release.notified().await;
-        Err(ApiError::new(429, vec![json!("Request was throttled.")]))
+        Err(ApiError::new(
+            dcrf::StatusCode::TOO_MANY_REQUESTS,
+            vec![json!("Request was throttled.")],
+        ))
     }
 
     #[action(name = "renamed")]

@@ -11,8 +11,9 @@ use std::time::Duration;
 use common::{
     ThingInput, UserInput, create_user, custom_pk, delete_user, rename_user, thing, user,
 };
+use dcrf::consumer::Event;
 use dcrf::model::{ChangeKind, Db, ModelActions, ModelConsumer};
-use dcrf::observer::{Event, ModelObserver, Observer};
+use dcrf::observer::{ModelObserver, Observer};
 use dcrf::prelude::*;
 use dcrf::testing::{TestClient, TestServer};
 use sea_orm::ActiveValue::Set;
@@ -173,7 +174,8 @@ impl Watcher {
     ) -> Result<(), ApiError> {
         self.obs
             .by_username
-            .subscribe(ctx, &args.username, frame.request_id());
+            .subscribe(ctx, &args.username, frame.request_id())
+            .await;
         ctx.send_json(&json!({"request_id": raw(frame), "action": "subscribed"}))
             .await
             .ok();
@@ -202,7 +204,10 @@ impl Watcher {
         ctx: &Ctx,
         frame: &Frame<'_>,
     ) -> Result<(), ApiError> {
-        self.obs.custom_pk.subscribe(ctx, "", frame.request_id());
+        self.obs
+            .custom_pk
+            .subscribe(ctx, "", frame.request_id())
+            .await;
         ctx.send_json(&json!({"action": "subscribed_to_all_changes", "request_id": raw(frame)}))
             .await
             .ok();
@@ -220,9 +225,9 @@ fn raw(frame: &Frame<'_>) -> Value {
 impl Consumer for Watcher {
     async fn connect(&mut self, ctx: &Ctx) -> Result<(), ApiError> {
         match self.at_connect {
-            "wrapper" => self.obs.wrapper.subscribe(ctx, "", None),
-            "class_serializer" => self.obs.class_serializer.subscribe(ctx, "", None),
-            "logged_in" => self.obs.logged_in.subscribe(ctx, "", None),
+            "wrapper" => self.obs.wrapper.subscribe(ctx, "", None).await,
+            "class_serializer" => self.obs.class_serializer.subscribe(ctx, "", None).await,
+            "logged_in" => self.obs.logged_in.subscribe(ctx, "", None).await,
             _ => {}
         }
         Ok(())
@@ -249,7 +254,9 @@ impl Consumer for Watcher {
                     .await;
             }
             "user.change.class.serializer" => {
-                let _ = ctx.reply(event.action(), None, event.body(), 200).await;
+                let _ = ctx
+                    .reply(event.action(), None, event.body(), dcrf::StatusCode::OK)
+                    .await;
             }
             "custom.pk.all" => {
                 for id in ids {
@@ -338,6 +345,8 @@ dcrf::backend_tests!(
     unsubscribe_before_any_event_and_idempotent_subscribe,
     unsubscribe_request_id_leaves_every_instance,
     subscribe_instance_errors,
+    instance_observer_has_a_stable_name,
+    instance_push_without_its_object_is_not_sent,
 );
 
 async fn observer_model_instance_mixin(db: Db) {
@@ -990,4 +999,82 @@ async fn subscribe_instance_errors(db: Db) {
             .await["response_status"],
         json!(200)
     );
+}
+
+/// The instance observer's id is `{table}.instance` (its groups travel between nodes under that
+/// name), never a compiler-dependent type name.
+async fn instance_observer_has_a_stable_name(db: Db) {
+    let (s, _) = serve(&db).await;
+    assert!(db.observer::<user::Model>("user.instance").is_some());
+    assert!(db.observer::<thing::Model>("thing.instance").is_some());
+    let u = create_user(&db, "named").await;
+    let mut c = connect(&s, "/users/").await;
+    c.request(json!({"action": "subscribe_instance", "pk": u.id, "request_id": "n"}))
+        .await;
+    assert_eq!(
+        db.layer().local_members(&format!("user.instance:{}", u.id)),
+        1
+    );
+    drop(c);
+}
+
+/// A push whose typed object is missing (another node could not decode it) cannot be checked
+/// against `has_object_permission` and `in_queryset`: it is not sent (fail closed).
+async fn instance_push_without_its_object_is_not_sent(db: Db) {
+    let (s, _) = serve(&db).await;
+    let u = create_user(&db, "someone").await;
+    let mut plain = connect(&s, "/users/").await;
+    plain
+        .request(json!({"action": "subscribe_instance", "pk": u.id, "request_id": 8}))
+        .await;
+    // The same group message a remote node sends, but without the object.
+    Observer::new(db.layer(), "user.instance")
+        .send(
+            &u.id.to_string(),
+            "update",
+            &json!({"id": u.id, "username": "forged"}),
+        )
+        .await
+        .unwrap();
+    plain.receive_nothing().await;
+    // A real change still arrives.
+    rename_user(&db, &u, "renamed").await;
+    assert_eq!(
+        plain.receive_json().await["data"]["username"],
+        json!("renamed")
+    );
+}
+
+#[tokio::test]
+#[should_panic(expected = "both use the instance observer \"user.instance\"")]
+async fn two_consumers_of_one_table_cannot_share_the_instance_observer() {
+    #[derive(Clone)]
+    struct Other {
+        db: Db,
+    }
+    impl ModelConsumer for Other {
+        type Entity = user::Entity;
+        type Output = user::Model;
+        type Input = UserInput;
+        fn db(&self) -> &Db {
+            &self.db
+        }
+        fn actions(&self) -> ModelActions {
+            ModelActions::RETRIEVE | ModelActions::SUBSCRIBE_INSTANCE
+        }
+    }
+    #[dcrf::consumer(model)]
+    impl Other {}
+    impl Consumer for Other {}
+
+    let db = Db::connect("sqlite::memory:").await.unwrap();
+    let app = Dcrf::new();
+    let first = UserInstances {
+        db: db.clone(),
+        mode: Mode::Plain,
+    };
+    let second = Other { db: db.clone() };
+    let _ = axum::Router::<()>::new()
+        .route("/a/", app.consumer(move || first.clone()))
+        .route("/b/", app.consumer(move || second.clone()));
 }

@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sea_orm::sea_query::value::sea_value_to_json_value;
@@ -16,99 +16,100 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::lookup::primary_key_column;
+use crate::change::{ChangeKind, ChangeSet, ChangeSink, Object};
+use crate::channel::ChannelLayer;
 use crate::error::Error;
-use crate::layer::{GroupMessage, Layer, Object};
-use crate::observer::{ModelObserver, Observer};
+use crate::observer::{ModelObserver, Observers};
 
-/// What happened to an object in a committed transaction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ChangeKind {
-    /// It was inserted (or it entered a group).
-    Create,
-    /// It was updated (and stayed in the group).
-    Update,
-    /// It was deleted (or it left a group).
-    Delete,
+/// What a plug-in (change capture) adds to the write path: [`Db::begin`] runs
+/// [`begin_sql`](Self::begin_sql) first in every transaction, so the plug-in can tell the
+/// framework's own transactions apart. Installed once per database.
+pub trait TxnHooks: Send + Sync + 'static {
+    /// SQL run first in every framework transaction, while the plug-in needs it.
+    fn begin_sql(&self) -> Option<&'static str>;
+
+    /// The hooks as `Any`, so their owner can find its own state again.
+    fn as_any(&self) -> &(dyn Any + Send + Sync);
 }
 
-impl ChangeKind {
-    /// `"create"`, `"update"` or `"delete"`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChangeKind::Create => "create",
-            ChangeKind::Update => "update",
-            ChangeKind::Delete => "delete",
-        }
-    }
-}
-
-/// The application's database: a sea-orm connection pool (SQLite or PostgreSQL, chosen by URL),
-/// the channel layer its observers publish to, and those observers.
+/// The application's database: a sea-orm connection pool (SQLite or PostgreSQL, chosen by
+/// URL) and the [observer registry](Observers) its transactions publish to.
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), dcrf::Error> {
 /// let db = dcrf::model::Db::connect("sqlite::memory:").await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Db {
     conn: DatabaseConnection,
-    hub: Arc<Hub>,
+    observers: Observers,
+    hooks: Arc<OnceLock<Arc<dyn TxnHooks>>>,
 }
 
-/// Observers by table, and the layer they publish to.
-struct Hub {
-    layer: Layer,
-    by_table: RwLock<HashMap<&'static str, Vec<Arc<dyn ErasedObserver>>>>,
-    by_id: RwLock<HashMap<String, Arc<dyn Any + Send + Sync>>>,
-    /// Opt-in change capture's state (see [`crate::capture`]).
-    capture: crate::capture::DbHooks,
-}
-
-impl std::fmt::Debug for Hub {
+impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub")
+        f.debug_struct("Db")
+            .field("backend", &self.backend())
+            .field("observers", &self.observers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to open a [`Db`]: its URL, the channel layer of its observers, and what plug-ins need
+/// of the pool. Built by [`Db::options`].
+pub struct DbOptions {
+    url: String,
+    layer: ChannelLayer,
+    configure: Vec<Box<dyn FnOnce(&mut ConnectOptions) + Send>>,
+    hooks: Option<Arc<dyn TxnHooks>>,
+}
+
+impl std::fmt::Debug for DbOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbOptions")
             .field("layer", &self.layer)
             .finish_non_exhaustive()
     }
 }
 
-/// A model observer without its model type, as the commit path sees it.
-trait ErasedObserver: Send + Sync {
-    fn messages(
-        &self,
-        old: Option<&Object>,
-        new: Option<&Object>,
-    ) -> Result<Vec<GroupMessage>, Error>;
-}
-
-impl<M: Serialize + Send + Sync + 'static> ErasedObserver for ModelObserver<M> {
-    fn messages(
-        &self,
-        old: Option<&Object>,
-        new: Option<&Object>,
-    ) -> Result<Vec<GroupMessage>, Error> {
-        ModelObserver::messages(self, old, new)
-    }
-}
-
-impl Db {
-    /// Connects by URL with the in-memory channel layer: `sqlite://file.db?mode=rwc`,
-    /// `sqlite::memory:`, or `postgres://user@host/db` (with the `postgres` feature).
-    ///
-    /// SQLite files get WAL journaling and a 5 s busy timeout; an in-memory SQLite database uses
-    /// a single connection, so every query sees the same database.
-    pub async fn connect(url: &str) -> Result<Db, Error> {
-        Self::connect_with_layer(url, Layer::memory()).await
+impl DbOptions {
+    /// Observers publish through `layer` (e.g. [`ChannelLayer::redis`]). Default: memory.
+    pub fn layer(mut self, layer: ChannelLayer) -> Self {
+        self.layer = layer;
+        self
     }
 
-    /// Connects by URL; observers publish through `layer` (e.g. [`Layer::redis`]).
-    pub async fn connect_with_layer(url: &str, layer: Layer) -> Result<Db, Error> {
-        let mut opts = ConnectOptions::new(url.to_owned());
+    /// Adjusts sea-orm's connection options (pool size, timeouts, logging) after the
+    /// framework's defaults.
+    pub fn configure(mut self, f: impl FnOnce(&mut ConnectOptions) + Send + 'static) -> Self {
+        self.configure.push(Box::new(f));
+        self
+    }
+
+    /// Installs transaction hooks at connect time (change capture does).
+    pub(crate) fn txn_hooks(mut self, hooks: Arc<dyn TxnHooks>) -> Self {
+        self.hooks = Some(hooks);
+        self
+    }
+
+    /// The URL.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Connects. SQLite files get WAL journaling and a 5 s busy timeout; an in-memory SQLite
+    /// database uses a single connection, so every query sees the same database.
+    pub async fn connect(self) -> Result<Db, Error> {
+        let DbOptions {
+            url,
+            layer,
+            configure,
+            hooks,
+        } = self;
+        let mut opts = ConnectOptions::new(url.clone());
         opts.sqlx_logging(false);
-        let mut capture = crate::capture::DbHooks::default();
         if url.starts_with("sqlite:") {
-            capture.prepare_sqlite(&mut opts);
             if url.contains(":memory:") || url.contains("mode=memory") {
                 opts.max_connections(1).min_connections(1);
             } else {
@@ -118,38 +119,66 @@ impl Db {
         } else {
             opts.max_connections(16);
         }
+        for f in configure {
+            f(&mut opts);
+        }
         let conn = Database::connect(opts).await?;
         if conn.get_database_backend() == DbBackend::Sqlite {
             conn.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000;")
                 .await?;
         }
-        Ok(Self::with_capture(conn, layer, capture))
+        let db = Db::from_connection(conn, layer);
+        if let Some(hooks) = hooks {
+            let _ = db.hooks.set(hooks);
+        }
+        Ok(db)
+    }
+}
+
+impl Db {
+    /// Connects by URL with the in-memory channel layer: `sqlite://file.db?mode=rwc`,
+    /// `sqlite::memory:`, or `postgres://user@host/db` (with the `postgres` feature).
+    pub async fn connect(url: &str) -> Result<Db, Error> {
+        Self::options(url).connect().await
     }
 
-    /// Wraps an existing sea-orm connection.
-    pub fn from_connection(conn: DatabaseConnection, layer: Layer) -> Db {
-        Self::with_capture(conn, layer, crate::capture::DbHooks::default())
+    /// Connects by URL; observers publish through `layer` (e.g. [`ChannelLayer::redis`]).
+    pub async fn connect_with_layer(url: &str, layer: ChannelLayer) -> Result<Db, Error> {
+        Self::options(url).layer(layer).connect().await
     }
 
-    fn with_capture(
-        conn: DatabaseConnection,
-        layer: Layer,
-        capture: crate::capture::DbHooks,
-    ) -> Db {
-        Db {
-            conn,
-            hub: Arc::new(Hub {
-                layer,
-                by_table: RwLock::new(HashMap::new()),
-                by_id: RwLock::new(HashMap::new()),
-                capture,
-            }),
+    /// Options for connecting to `url`, for what [`connect`](Self::connect) does not cover.
+    pub fn options(url: &str) -> DbOptions {
+        DbOptions {
+            url: url.to_owned(),
+            layer: ChannelLayer::memory(),
+            configure: Vec::new(),
+            hooks: None,
         }
     }
 
-    /// The change capture state of this database.
-    pub(crate) fn capture_hooks(&self) -> &crate::capture::DbHooks {
-        &self.hub.capture
+    /// Wraps an existing sea-orm connection.
+    pub fn from_connection(conn: DatabaseConnection, layer: ChannelLayer) -> Db {
+        Db {
+            conn,
+            observers: Observers::new(layer),
+            hooks: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// The transaction hooks installed on this database, if any.
+    pub(crate) fn txn_hooks(&self) -> Option<&Arc<dyn TxnHooks>> {
+        self.hooks.get()
+    }
+
+    /// Installs transaction hooks; false when some are installed already.
+    pub(crate) fn set_txn_hooks(&self, hooks: Arc<dyn TxnHooks>) -> bool {
+        self.hooks.set(hooks).is_ok()
+    }
+
+    /// The observer registry this database's transactions publish to.
+    pub fn observers(&self) -> &Observers {
+        &self.observers
     }
 
     /// The sea-orm connection, for reads and anything the framework does not wrap.
@@ -158,8 +187,8 @@ impl Db {
     }
 
     /// The channel layer observers publish to.
-    pub fn layer(&self) -> &Layer {
-        &self.hub.layer
+    pub fn layer(&self) -> &ChannelLayer {
+        self.observers.layer()
     }
 
     /// SQLite or PostgreSQL.
@@ -169,12 +198,7 @@ impl Db {
 
     /// The model observer registered as `id`, if any.
     pub fn observer<M: Send + Sync + 'static>(&self, id: &str) -> Option<Arc<ModelObserver<M>>> {
-        self.hub
-            .by_id
-            .read()
-            .ok()
-            .and_then(|m| m.get(id).cloned())
-            .and_then(|a| a.downcast::<ModelObserver<M>>().ok())
+        self.observers.get(id)
     }
 
     /// Registers (or finds) the model observer `id` for an entity: every change to that table
@@ -187,31 +211,8 @@ impl Db {
         E: EntityTrait,
         E::Model: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        if let Some(existing) = self.observer::<E::Model>(id) {
-            return existing;
-        }
-        let observer = Arc::new(ModelObserver::new(
-            Observer::new(&self.hub.layer, id),
-            pk_json::<E>,
-        ));
-        self.hub.layer.register_decoder(
-            id.into(),
-            Arc::new(|json: &str| {
-                serde_json::from_str::<E::Model>(json)
-                    .ok()
-                    .map(|m| Arc::new(m) as Object)
-            }),
-        );
-        if let Ok(mut by_id) = self.hub.by_id.write() {
-            by_id.insert(id.to_owned(), observer.clone());
-        }
-        if let Ok(mut by_table) = self.hub.by_table.write() {
-            by_table
-                .entry(E::default().table_name())
-                .or_default()
-                .push(observer.clone());
-        }
-        observer
+        self.observers
+            .register::<E::Model>(E::default().table_name(), id, pk_json::<E>)
     }
 
     /// Starts a transaction. Writes go through [`Txn`]; dropping it without
@@ -233,14 +234,13 @@ impl Db {
         };
         // While a change capture runs, mark the transaction so it does not publish its rows a
         // second time (this `Txn` publishes them itself).
-        if let Some(sql) = self.hub.capture.begin_sql() {
+        if let Some(sql) = self.hooks.get().and_then(|h| h.begin_sql()) {
             txn.execute_unprepared(sql).await?;
         }
         Ok(Txn {
             txn,
             db: self.clone(),
-            changes: Vec::new(),
-            index: HashMap::new(),
+            changes: ChangeSet::default(),
             pre_images: HashMap::new(),
         })
     }
@@ -255,50 +255,15 @@ impl Db {
         Ok(())
     }
 
-    /// Publishes committed changes to the observers of their tables.
-    pub(crate) async fn publish(&self, table: &str, old: Option<&Object>, new: Option<&Object>) {
-        let observers = self
-            .hub
-            .by_table
-            .read()
-            .ok()
-            .and_then(|m| m.get(table).cloned())
-            .unwrap_or_default();
-        for observer in observers {
-            match observer.messages(old, new) {
-                Ok(messages) => {
-                    for message in messages {
-                        if let Err(e) = self.hub.layer.group_send(message).await {
-                            tracing::error!(error = %e, table, "cannot publish a change");
-                        }
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, table, "cannot serialize a change"),
-            }
-        }
-    }
-
     /// Does any observer watch this table?
     pub(crate) fn observed(&self, table: &str) -> bool {
-        self.hub
-            .by_table
-            .read()
-            .map(|m| m.contains_key(table))
-            .unwrap_or(false)
+        self.observers.observes(table)
     }
 }
 
 /// The primary key of a model as JSON (DCRF's `{"pk": ...}`).
 pub(crate) fn pk_json<E: EntityTrait>(model: &E::Model) -> serde_json::Value {
     sea_value_to_json_value(&model.get(primary_key_column::<E>()))
-}
-
-/// One object's pending change in a transaction.
-struct Change {
-    table: &'static str,
-    kind: ChangeKind,
-    old: Option<Object>,
-    new: Option<Object>,
 }
 
 /// A database transaction: the one write path of model consumers and of user code.
@@ -313,18 +278,8 @@ struct Change {
 pub struct Txn {
     txn: DatabaseTransaction,
     db: Db,
-    changes: Vec<Option<Change>>,
-    index: HashMap<(&'static str, String), usize>,
+    changes: ChangeSet,
     pre_images: HashMap<(&'static str, String), Object>,
-}
-
-impl std::fmt::Debug for Change {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Change")
-            .field("table", &self.table)
-            .field("kind", &self.kind)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Txn {
@@ -338,7 +293,8 @@ impl Txn {
         (E::default().table_name(), pk_json::<E>(model).to_string())
     }
 
-    /// Records a change, merging it with an earlier one of the same object.
+    /// Records a change, merging it with an earlier one of the same object (see
+    /// [`ChangeSet`]); nothing is recorded for a table nobody observes.
     fn record<E: EntityTrait>(
         &mut self,
         kind: ChangeKind,
@@ -348,42 +304,9 @@ impl Txn {
     ) where
         E::Model: Send + Sync + 'static,
     {
-        if !self.db.observed(key.0) {
-            return;
+        if self.db.observed(key.0) {
+            self.changes.record(key, kind, old, new);
         }
-        let table = key.0;
-        if let Some(&i) = self.index.get(&key)
-            && let Some(prev) = self.changes[i].take()
-        {
-            let merged = match (prev.kind, kind) {
-                (ChangeKind::Create, ChangeKind::Update) => Some((ChangeKind::Create, None, new)),
-                (ChangeKind::Create, ChangeKind::Delete) => None,
-                (ChangeKind::Update, ChangeKind::Update) => {
-                    Some((ChangeKind::Update, prev.old, new))
-                }
-                (ChangeKind::Update, ChangeKind::Delete) => {
-                    Some((ChangeKind::Delete, prev.old, None))
-                }
-                (ChangeKind::Delete, ChangeKind::Create) => {
-                    Some((ChangeKind::Update, prev.old, new))
-                }
-                (_, kind) => Some((kind, old, new)),
-            };
-            self.changes[i] = merged.map(|(kind, old, new)| Change {
-                table,
-                kind,
-                old,
-                new,
-            });
-            return;
-        }
-        self.index.insert(key, self.changes.len());
-        self.changes.push(Some(Change {
-            table,
-            kind,
-            old,
-            new,
-        }));
     }
 
     /// Remembers an object as read in this transaction, so an update of it needs no re-read
@@ -570,9 +493,9 @@ impl Txn {
             txn, db, changes, ..
         } = self;
         txn.commit().await?;
-        for change in changes.into_iter().flatten() {
-            db.publish(change.table, change.old.as_ref(), change.new.as_ref())
-                .await;
+        let sink: &dyn ChangeSink = &db.observers;
+        for change in changes.into_changes() {
+            sink.publish(&change).await;
         }
         Ok(())
     }

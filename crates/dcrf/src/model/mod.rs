@@ -74,6 +74,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::http::StatusCode;
 use sea_orm::{
     ActiveModelBehavior, ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, EntityName,
     EntityTrait, IntoActiveModel, Iterable, Order, PrimaryKeyToColumn, QueryFilter, QueryOrder,
@@ -84,8 +85,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-pub use db::{ChangeKind, Db, Txn};
-pub use lookup::{column_named, json_to_value, primary_key_column};
+pub use crate::change::ChangeKind;
+pub use db::{Db, DbOptions, Txn, TxnHooks};
+#[doc(hidden)]
+pub use lookup::json_to_value;
+pub use lookup::{column_named, primary_key_column};
 pub use pagination::{LimitOffset, Page};
 pub use validation::{ValidationErrors, parse_input};
 
@@ -309,6 +313,18 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
         async move { Ok(txn.update(object).await?) }
     }
 
+    /// The id of this consumer's instance observer (`subscribe_instance` pushes): its groups
+    /// are named after it on every node, so it must be the same on every node and across
+    /// deploys, and unique among the consumers of its table. Default: `"{table}.instance"`.
+    /// Two consumers of one table that both serve `subscribe_instance` must give at least one
+    /// of them its own id (mounting both with the same id panics, naming them).
+    fn instance_observer_id(&self) -> String {
+        format!(
+            "{}.instance",
+            <Self::Entity as Default>::default().table_name()
+        )
+    }
+
     /// Deletes an object (DCRF's `perform_delete`).
     fn perform_delete(
         &self,
@@ -322,6 +338,7 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
 }
 
 /// Runs a model action; the fallback of `#[dcrf::consumer(model)]`.
+#[doc(hidden)]
 pub async fn dispatch_model<C: ModelConsumer>(
     consumer: &mut C,
     ctx: &Ctx,
@@ -344,12 +361,7 @@ pub async fn dispatch_model<C: ModelConsumer>(
         }
         "list_cancel" if actions.contains(ModelActions::LIST) && streamed => {
             if let Some(streams) = ctx.extension::<ListStreams>() {
-                for token in streams
-                    .0
-                    .lock()
-                    .map(|mut v| std::mem::take(&mut *v))
-                    .unwrap_or_default()
-                {
+                for token in std::mem::take(&mut *crate::sync::lock(&streams.0)) {
                     token.cancel();
                 }
             }
@@ -508,7 +520,8 @@ fn start_stream<C: ModelConsumer>(c: &C, ctx: &Ctx, frame: &Frame<'_>) -> Result
         }
     };
     let token = CancellationToken::new();
-    if let Ok(mut v) = streams.0.lock() {
+    {
+        let mut v = crate::sync::lock(&streams.0);
         v.retain(|t| !t.is_cancelled());
         v.push(token.clone());
     }
@@ -524,7 +537,7 @@ fn start_stream<C: ModelConsumer>(c: &C, ctx: &Ctx, frame: &Frame<'_>) -> Result
                     Ok(page) => {
                         let (count, limit) = (page.count as i64, page.limit as i64);
                         if task_ctx
-                            .reply("list", rid.as_deref(), &page, 200)
+                            .reply("list", rid.as_deref(), &page, StatusCode::OK)
                             .await
                             .is_err()
                         {
@@ -586,7 +599,7 @@ async fn update<C: ModelConsumer>(
     check_object(c, ctx, action, &current).await?;
     // A partial update validates the object as it will be: current values, then `data`.
     let base = if partial {
-        Some(serde_json::to_value(&current)?)
+        Some(serde_json::to_value(&current).map_err(ApiError::internal)?)
     } else {
         None
     };
@@ -634,21 +647,11 @@ async fn delete<C: ModelConsumer>(
     Ok(Reply::no_content())
 }
 
-/// The id of a model consumer's instance observer: its table and its type, so two consumers of
-/// one model push their own representations (DCRF partitions per consumer class).
-fn instance_observer_id<C: ModelConsumer>() -> String {
-    format!(
-        "{}.instance.{}",
-        <C::Entity as Default>::default().table_name(),
-        std::any::type_name::<C>()
-    )
-}
-
 /// The instance observer of a model consumer: one group per object (keyed by primary key),
 /// body = the consumer's `Output` (create, update) or `{"pk": pk}` (delete), serialized once
 /// per event.
 fn instance_observer<C: ModelConsumer>(c: &C) -> Arc<ModelObserver<ModelOf<C>>> {
-    let id = instance_observer_id::<C>();
+    let id = c.instance_observer_id();
     if let Some(existing) = c.db().observer::<ModelOf<C>>(&id) {
         return existing;
     }
@@ -675,8 +678,19 @@ enum InstanceBody<O> {
 }
 
 /// Registers a model consumer's observers on its database (called when it is mounted).
+///
+/// # Panics
+///
+/// When another consumer type already uses the same instance observer id (see
+/// [`ModelConsumer::instance_observer_id`]).
+#[doc(hidden)]
 pub fn register_observers<C: ModelConsumer>(c: &C) {
     if c.actions().contains(ModelActions::SUBSCRIBE_INSTANCE) {
+        c.db().observers().claim(
+            &c.instance_observer_id(),
+            std::any::TypeId::of::<C>(),
+            std::any::type_name::<C>(),
+        );
         instance_observer(c);
     }
 }
@@ -699,8 +713,8 @@ async fn subscribe_instance<C: ModelConsumer>(
     let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
     check_object(c, ctx, "subscribe_instance", &object).await?;
     let key = db::pk_json::<C::Entity>(&object).to_string();
-    instance_observer(c).subscribe(ctx, &key, Some(rid));
-    Ok(Reply::with_status((), 201))
+    instance_observer(c).subscribe(ctx, &key, Some(rid)).await;
+    Ok(Reply::with_status((), StatusCode::CREATED))
 }
 
 async fn unsubscribe_instance<C: ModelConsumer>(
@@ -728,24 +742,20 @@ async fn unsubscribe_instance<C: ModelConsumer>(
 /// with `{"pk": pk}` (204). A push the consumer's permissions deny, or
 /// [`has_object_permission`](ModelConsumer::has_object_permission) refuses, sends nothing
 /// (DCRF sent a 403 and then the data anyway); an object no longer
-/// [`in_queryset`](ModelConsumer::in_queryset) is a 404 frame.
+/// [`in_queryset`](ModelConsumer::in_queryset) is a 404 frame. An update whose typed object is
+/// missing (it could not be decoded on this node) cannot be checked and is not pushed.
+#[doc(hidden)]
 pub async fn handle_instance_event<C: ModelConsumer>(
     c: &mut C,
     ctx: &Ctx,
-    event: &crate::observer::Event<'_>,
+    event: &crate::consumer::Event<'_>,
 ) -> bool {
     let c: &C = c;
-    // `{table}.instance.{type}` without building the string: this runs once per push.
-    let table = <C::Entity as Default>::default().table_name();
-    let is_ours = event
-        .observer()
-        .strip_prefix(table)
-        .and_then(|rest| rest.strip_prefix(".instance."))
-        == Some(std::any::type_name::<C>());
-    if !is_ours || !c.actions().contains(ModelActions::SUBSCRIBE_INSTANCE) {
+    if !c.actions().contains(ModelActions::SUBSCRIBE_INSTANCE)
+        || event.observer() != c.instance_observer_id()
+    {
         return false;
     }
-    let c: &C = c;
     let action = event.action();
     // DCRF checks the consumer's permissions for the push as for an action on that pk.
     let pk = event
@@ -768,25 +778,37 @@ pub async fn handle_instance_event<C: ModelConsumer>(
     }
     if action == ChangeKind::Delete.as_str() {
         for rid in event.request_ids {
-            let _ = ctx.push(action, Some(rid), event.body(), 204).await;
+            let _ = ctx
+                .push(action, Some(rid), event.body(), StatusCode::NO_CONTENT)
+                .await;
         }
         return true;
     }
-    if let Some(object) = event.object::<ModelOf<C>>() {
-        if !c.has_object_permission(ctx, "retrieve", object).await {
-            return true;
+    // Fail closed: without the object, neither its permission nor its queryset can be checked.
+    let Some(object) = event.object::<ModelOf<C>>() else {
+        tracing::warn!(
+            connection = ctx.connection_id(),
+            observer = event.observer(),
+            group = %event.message.group,
+            "instance push without its object (not decodable on this node): not sent"
+        );
+        return true;
+    };
+    if !c.has_object_permission(ctx, "retrieve", object).await {
+        return true;
+    }
+    if !c.in_queryset(ctx, object).await {
+        for rid in event.request_ids {
+            let _ = ctx
+                .send_error(&ApiError::not_found(), Some(action), Some(rid))
+                .await;
         }
-        if !c.in_queryset(ctx, object).await {
-            for rid in event.request_ids {
-                let _ = ctx
-                    .send_error(&ApiError::not_found(), Some(action), Some(rid))
-                    .await;
-            }
-            return true;
-        }
+        return true;
     }
     for rid in event.request_ids {
-        let _ = ctx.push(action, Some(rid), event.body(), 200).await;
+        let _ = ctx
+            .push(action, Some(rid), event.body(), StatusCode::OK)
+            .await;
     }
     true
 }

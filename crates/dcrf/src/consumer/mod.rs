@@ -1,6 +1,9 @@
-//! Consumers and actions: the [`Consumer`] hooks, the [`ActionTable`] the
-//! [`#[dcrf::consumer]`](macro@crate::consumer) attribute writes for you, the per-connection
-//! [`Ctx`], and what actions return ([`Reply`], [`ApiError`]).
+//! Consumers and actions: the [`Consumer`] hooks (the actions themselves are written with the
+//! [`#[dcrf::consumer]`](macro@crate::consumer) attribute), the per-connection
+//! [`Ctx`], what actions return ([`Reply`], [`ApiError`]), and the events of a connection's
+//! subscriptions ([`Event`]).
+
+mod subscriptions;
 
 use std::fmt::Write;
 use std::future::Future;
@@ -8,15 +11,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::ws::{CloseFrame, Utf8Bytes};
+use axum::http::StatusCode;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) use subscriptions::Subscriptions;
+pub use subscriptions::{Event, default_push};
+
+use crate::channel::{Delivery, Member};
 use crate::error::ApiError;
-use crate::layer::{Delivery, Member};
-use crate::observer::{Event, Subscriptions, default_push};
 use crate::permission::Permissions;
 use crate::protocol::{Envelope, Frame, encode_error};
 use crate::scope::{Scope, User};
@@ -78,7 +84,8 @@ pub trait Consumer: ActionTable {
     }
 }
 
-/// Was an action found for a frame?
+/// Was an action found for a frame? (Macro plumbing.)
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Dispatched {
@@ -88,8 +95,9 @@ pub enum Dispatched {
     Unknown,
 }
 
-/// A consumer's actions by name. Written by [`#[dcrf::consumer]`](macro@crate::consumer); the
+/// A consumer's actions by name (macro plumbing). Written by [`#[dcrf::consumer]`](macro@crate::consumer); the
 /// generated `dispatch` is one `match` over the action names.
+#[doc(hidden)]
 pub trait ActionTable: Send + Sized + 'static {
     /// Runs the action named `action`: deserializes its arguments from `frame`, calls it, and
     /// sends its reply through `ctx`.
@@ -118,29 +126,35 @@ pub trait ActionTable: Send + Sized + 'static {
 /// ```
 /// use dcrf::Reply;
 /// let r = Reply::created(serde_json::json!({"id": 1}));
-/// assert_eq!(r.status(), 201);
+/// assert_eq!(r.status(), dcrf::StatusCode::CREATED);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply<T> {
     data: T,
-    status: u16,
+    status: StatusCode,
 }
 
 impl<T> Reply<T> {
     /// 200 with data.
     pub fn ok(data: T) -> Self {
-        Reply { data, status: 200 }
+        Reply {
+            data,
+            status: StatusCode::OK,
+        }
     }
     /// 201 with data.
     pub fn created(data: T) -> Self {
-        Reply { data, status: 201 }
+        Reply {
+            data,
+            status: StatusCode::CREATED,
+        }
     }
     /// Any status with data.
-    pub fn with_status(data: T, status: u16) -> Self {
+    pub fn with_status(data: T, status: StatusCode) -> Self {
         Reply { data, status }
     }
     /// The status.
-    pub fn status(&self) -> u16 {
+    pub fn status(&self) -> StatusCode {
         self.status
     }
     /// The data.
@@ -158,7 +172,7 @@ impl Reply<()> {
     pub fn no_content() -> Self {
         Reply {
             data: (),
-            status: 204,
+            status: StatusCode::NO_CONTENT,
         }
     }
 }
@@ -166,6 +180,7 @@ impl Reply<()> {
 /// What an action may return: `Result<Reply<T>, E>` sends a reply; `Result<(), E>` sends
 /// nothing on success (DCRF's "non-tuple result"); `E` is anything that converts into
 /// [`ApiError`].
+#[doc(hidden)]
 pub trait IntoActionResult {
     /// The data type of the reply.
     type Data: Serialize;
@@ -308,18 +323,14 @@ impl Ctx {
     /// Stores a per-connection value, shared with detached actions (which own a `Ctx` clone
     /// and cannot borrow the consumer). Set it in [`Consumer::connect`].
     pub fn insert_extension<T: Clone + Send + Sync + 'static>(&self, value: T) {
-        if let Ok(mut ext) = self.inner.extensions.lock() {
-            ext.insert(value);
-        }
+        crate::sync::lock(&self.inner.extensions).insert(value);
     }
 
     /// A clone of a value stored with [`Ctx::insert_extension`].
     pub fn extension<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
-        self.inner
-            .extensions
-            .lock()
-            .ok()
-            .and_then(|ext| ext.get::<T>().cloned())
+        crate::sync::lock(&self.inner.extensions)
+            .get::<T>()
+            .cloned()
     }
 
     /// Sends a text frame as is. Waits while the outbound queue is full.
@@ -360,7 +371,7 @@ impl Ctx {
         action: &str,
         request_id: Option<&RawValue>,
         data: &T,
-        status: u16,
+        status: StatusCode,
     ) -> Result<(), Closed> {
         let text = self.encode_reply(action, request_id, data, status);
         self.send_text(text).await
@@ -373,7 +384,7 @@ impl Ctx {
         action: &str,
         request_id: Option<&RawValue>,
         body: &RawValue,
-        status: u16,
+        status: StatusCode,
     ) -> Result<(), Closed> {
         let rid = request_id.map_or("null", |r| r.get());
         let mut text = String::with_capacity(body.get().len() + rid.len() + action.len() + 72);
@@ -382,7 +393,11 @@ impl Ctx {
         text.push_str(",\"action\":");
         // Escapes whatever the action name holds.
         text.push_str(&serde_json::to_string(action).unwrap_or_else(|_| "null".into()));
-        let _ = write!(text, ",\"response_status\":{status},\"request_id\":");
+        let _ = write!(
+            text,
+            ",\"response_status\":{},\"request_id\":",
+            status.as_u16()
+        );
         text.push_str(rid);
         text.push('}');
         self.send_text(text).await
@@ -394,7 +409,7 @@ impl Ctx {
         action: &str,
         request_id: Option<&RawValue>,
         data: &T,
-        status: u16,
+        status: StatusCode,
     ) -> String {
         let env = Envelope {
             errors: &[],

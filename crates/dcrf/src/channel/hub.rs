@@ -1,0 +1,193 @@
+//! [`Hub`]: this node's connections by group, and the slow-member policy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{GroupMessage, Object};
+use crate::sync::{read, write};
+
+/// An event on its way to a connection: the member it is for (a multiplexed socket has one
+/// member per stream) and the shared message.
+pub(crate) type Delivery = (u64, Arc<GroupMessage>);
+
+/// A connection's membership card: where its events go, and how to let it go.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    pub(crate) id: u64,
+    pub(crate) inbox: mpsc::Sender<Delivery>,
+    pub(crate) kick: CancellationToken,
+}
+
+/// Turns an object's JSON back into the typed object on a node that received it remotely.
+pub(crate) type Decoder = Arc<dyn Fn(&str) -> Option<Object> + Send + Sync>;
+
+/// The local connections of one node, by group. A [`Broker`](super::Broker) hands it the
+/// messages of the groups it has members of.
+#[derive(Default)]
+pub struct Hub {
+    groups: RwLock<HashMap<Arc<str>, Vec<Member>>>,
+    decoders: RwLock<HashMap<Arc<str>, Decoder>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("groups", &read(&self.groups).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// Hands a message to every local member of its group. A member whose event queue is full
+    /// is not waited for: it is kicked (its connection closes with 1013).
+    pub fn deliver(&self, message: Arc<GroupMessage>) {
+        let groups = read(&self.groups);
+        let Some(members) = groups.get(&*message.group) else {
+            return;
+        };
+        for member in members {
+            match member.inbox.try_send((member.id, message.clone())) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if !member.kick.is_cancelled() {
+                        tracing::warn!(
+                            connection = member.id,
+                            group = %message.group,
+                            "event queue full: closing the slow connection with 1013"
+                        );
+                        member.kick.cancel();
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+
+    /// The typed object of a message received from another node, decoded by its observer's
+    /// decoder; `None` when the observer is unknown here or the JSON does not decode.
+    pub fn decode_object(&self, observer: &str, json: &str) -> Option<Object> {
+        let decoder = read(&self.decoders).get(observer).cloned()?;
+        decoder(json)
+    }
+
+    /// The groups that have local members now.
+    pub fn groups(&self) -> Vec<Arc<str>> {
+        read(&self.groups).keys().cloned().collect()
+    }
+
+    /// Does `group` have local members now?
+    pub fn has_group(&self, group: &str) -> bool {
+        read(&self.groups).contains_key(group)
+    }
+
+    /// How many local connections are in a group.
+    pub fn local_members(&self, group: &str) -> usize {
+        read(&self.groups).get(group).map_or(0, Vec::len)
+    }
+
+    pub(crate) fn register_decoder(&self, observer: Arc<str>, decoder: Decoder) {
+        write(&self.decoders).insert(observer, decoder);
+    }
+
+    /// Adds a member (idempotent); true when it is the group's first local member.
+    pub(crate) fn add(&self, group: &Arc<str>, member: &Member) -> bool {
+        let mut groups = write(&self.groups);
+        let members = groups.entry(group.clone()).or_default();
+        if members.iter().any(|m| m.id == member.id) {
+            return false;
+        }
+        members.push(member.clone());
+        members.len() == 1
+    }
+
+    /// Removes a member (idempotent); true when the group has no local member left.
+    pub(crate) fn discard(&self, group: &str, member_id: u64) -> bool {
+        let mut groups = write(&self.groups);
+        let Some(members) = groups.get_mut(group) else {
+            return false;
+        };
+        members.retain(|m| m.id != member_id);
+        if members.is_empty() {
+            groups.remove(group);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn member(id: u64, capacity: usize) -> (Member, mpsc::Receiver<Delivery>) {
+        let (inbox, rx) = mpsc::channel(capacity);
+        let member = Member {
+            id,
+            inbox,
+            kick: CancellationToken::new(),
+        };
+        (member, rx)
+    }
+
+    fn message(group: &str) -> Arc<GroupMessage> {
+        let body: Box<RawValue> = RawValue::from_string("{}".into()).unwrap();
+        Arc::new(GroupMessage::new(
+            "o".into(),
+            group.into(),
+            "update".into(),
+            body.into(),
+        ))
+    }
+
+    #[test]
+    fn first_member_and_last_member_are_reported() {
+        let hub = Hub::default();
+        let g: Arc<str> = "g".into();
+        let (a, _ra) = member(1, 4);
+        let (b, _rb) = member(2, 4);
+        assert!(hub.add(&g, &a), "first member");
+        assert!(!hub.add(&g, &a), "same member again");
+        assert!(!hub.add(&g, &b), "second member");
+        assert_eq!(hub.local_members("g"), 2);
+        assert!(!hub.discard("g", 1));
+        assert!(!hub.discard("g", 1), "idempotent");
+        assert!(hub.discard("g", 2), "last member left");
+        assert!(!hub.has_group("g"));
+        assert!(!hub.discard("g", 2));
+    }
+
+    #[test]
+    fn deliver_reaches_members_of_the_group_only() {
+        let hub = Hub::default();
+        let (a, mut ra) = member(1, 4);
+        let (b, mut rb) = member(2, 4);
+        hub.add(&"g".into(), &a);
+        hub.add(&"h".into(), &b);
+        hub.deliver(message("g"));
+        let (id, m) = ra.try_recv().expect("delivered");
+        assert_eq!((id, &*m.group), (1, "g"));
+        assert!(rb.try_recv().is_err());
+        hub.deliver(message("nobody"));
+        assert!(ra.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_inbox_kicks_that_member_only() {
+        let hub = Hub::default();
+        let (slow, _rs) = member(1, 1);
+        let (fast, mut rf) = member(2, 8);
+        hub.add(&"g".into(), &slow);
+        hub.add(&"g".into(), &fast);
+        hub.deliver(message("g"));
+        assert!(!slow.kick.is_cancelled());
+        hub.deliver(message("g"));
+        assert!(slow.kick.is_cancelled(), "the slow member is let go");
+        assert!(!fast.kick.is_cancelled());
+        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+    }
+}
