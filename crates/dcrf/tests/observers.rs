@@ -1005,14 +1005,14 @@ async fn subscribe_instance_errors(db: Db) {
 /// name), never a compiler-dependent type name.
 async fn instance_observer_has_a_stable_name(db: Db) {
     let (s, _) = serve(&db).await;
-    assert!(db.observer::<user::Model>("user.instance").is_some());
+    assert!(db.observer::<user::Model>("auth_user.instance").is_some());
     assert!(db.observer::<thing::Model>("thing.instance").is_some());
     let u = create_user(&db, "named").await;
     let mut c = connect(&s, "/users/").await;
     c.request(json!({"action": "subscribe_instance", "pk": u.id, "request_id": "n"}))
         .await;
     assert_eq!(
-        db.layer().local_members(&format!("user.instance:{}", u.id)),
+        db.layer().local_members(&format!("auth_user.instance:{}", u.id)),
         1
     );
     drop(c);
@@ -1028,7 +1028,7 @@ async fn instance_push_without_its_object_is_not_sent(db: Db) {
         .request(json!({"action": "subscribe_instance", "pk": u.id, "request_id": 8}))
         .await;
     // The same group message a remote node sends, but without the object.
-    Observer::new(db.layer(), "user.instance")
+    Observer::new(db.layer(), "auth_user.instance")
         .send(
             &u.id.to_string(),
             "update",
@@ -1046,7 +1046,7 @@ async fn instance_push_without_its_object_is_not_sent(db: Db) {
 }
 
 #[tokio::test]
-#[should_panic(expected = "both use the instance observer \"user.instance\"")]
+#[should_panic(expected = "both use the instance observer \"auth_user.instance\"")]
 async fn two_consumers_of_one_table_cannot_share_the_instance_observer() {
     #[derive(Clone)]
     struct Other {

@@ -56,12 +56,15 @@ impl std::fmt::Debug for Db {
     }
 }
 
+/// A change to sea-orm's connection options, applied before connecting.
+type Configure = Box<dyn FnOnce(&mut ConnectOptions) + Send>;
+
 /// How to open a [`Db`]: its URL, the channel layer of its observers, and what plug-ins need
 /// of the pool. Built by [`Db::options`].
 pub struct DbOptions {
     url: String,
     layer: ChannelLayer,
-    configure: Vec<Box<dyn FnOnce(&mut ConnectOptions) + Send>>,
+    configure: Vec<Configure>,
     hooks: Option<Arc<dyn TxnHooks>>,
 }
 
