@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the PostgreSQL and Redis servers the tests use are running on loopback, starting
 # them if they are installed but down. Prints the URLs to export.
+# Under CI (CI=true) a service that is still unreachable after trying to start it is an error:
+# CI must never go green on SQLite and the in-memory layer alone.
 set -euo pipefail
 
 pg_up() { pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; }
@@ -23,6 +25,19 @@ if ! redis_up; then
   for _ in $(seq 1 50); do redis_up && break; sleep 0.2; done
 fi
 
-pg_up && echo "export DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
-redis_up && echo "export REDIS_URL=redis://127.0.0.1:6379"
+missing=()
+if pg_up; then
+  echo "export DATABASE_URL=postgres://postgres@127.0.0.1:5432/test"
+else
+  missing+=(PostgreSQL)
+fi
+if redis_up; then
+  echo "export REDIS_URL=redis://127.0.0.1:6379"
+else
+  missing+=(Redis)
+fi
+if [[ ${#missing[@]} -gt 0 && "${CI:-}" == "true" ]]; then
+  echo "error: ${missing[*]} unreachable after trying to start it; CI needs both" >&2
+  exit 1
+fi
 exit 0

@@ -211,22 +211,25 @@ pub enum TestBackend {
 /// A fresh, empty database for one test: in-memory SQLite, or a new schema in the PostgreSQL
 /// database of `DATABASE_URL` (the connection's `search_path` points at it).
 ///
-/// Returns `None`, printing a visible `SKIPPED` line, when PostgreSQL is asked for and
-/// `DATABASE_URL` is unset.
-pub async fn test_db(backend: TestBackend) -> Option<crate::model::Db> {
+/// # Panics
+///
+/// When PostgreSQL is asked for and `DATABASE_URL` is unset: a test that cannot run fails, it
+/// never passes without running. Put `postgres` in the names of such tests (the
+/// [`backend_tests!`](crate::backend_tests) variants are `name::postgres`) so that a runner
+/// without PostgreSQL filters them out and reports them as skipped, as `scripts/test.sh` does.
+pub async fn test_db(backend: TestBackend) -> crate::model::Db {
     match backend {
-        TestBackend::Sqlite => Some(
-            crate::model::Db::connect("sqlite::memory:")
-                .await
-                .expect("in-memory sqlite"),
-        ),
+        TestBackend::Sqlite => crate::model::Db::connect("sqlite::memory:")
+            .await
+            .expect("in-memory sqlite"),
         TestBackend::Postgres => {
-            let Ok(url) = std::env::var("DATABASE_URL") else {
-                println!("SKIPPED: DATABASE_URL is not set; PostgreSQL variant not run");
-                eprintln!("SKIPPED: DATABASE_URL is not set; PostgreSQL variant not run");
-                return None;
-            };
-            Some(postgres_schema(&url).await)
+            let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+                panic!(
+                    "DATABASE_URL is not set: this test needs PostgreSQL; run it through \
+                     scripts/test.sh, which filters it out when PostgreSQL is unavailable"
+                )
+            });
+            postgres_schema(&url).await
         }
     }
 }
@@ -312,16 +315,14 @@ macro_rules! backend_tests {
         mod $name {
             #[tokio::test]
             async fn sqlite() {
-                if let Some(db) = $crate::testing::test_db($crate::testing::TestBackend::Sqlite).await {
-                    super::$name(db).await;
-                }
+                let db = $crate::testing::test_db($crate::testing::TestBackend::Sqlite).await;
+                super::$name(db).await;
             }
             #[tokio::test]
             async fn postgres() {
-                if let Some(db) = $crate::testing::test_db($crate::testing::TestBackend::Postgres).await {
-                    super::$name(db.clone()).await;
-                    $crate::testing::drop_test_db(db).await;
-                }
+                let db = $crate::testing::test_db($crate::testing::TestBackend::Postgres).await;
+                super::$name(db.clone()).await;
+                $crate::testing::drop_test_db(db).await;
             }
         }
     )*};

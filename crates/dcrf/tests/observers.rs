@@ -1012,7 +1012,8 @@ async fn instance_observer_has_a_stable_name(db: Db) {
     c.request(json!({"action": "subscribe_instance", "pk": u.id, "request_id": "n"}))
         .await;
     assert_eq!(
-        db.layer().local_members(&format!("auth_user.instance:{}", u.id)),
+        db.layer()
+            .local_members(&format!("auth_user.instance:{}", u.id)),
         1
     );
     drop(c);
