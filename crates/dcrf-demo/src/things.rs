@@ -42,25 +42,13 @@ pub mod thing {
 #[derive(Debug, Deserialize, garde::Validate, DeriveIntoActiveModel)]
 #[sea_orm(active_model = "thing::ActiveModel")]
 pub struct ThingInput {
-    /// Required, up to 64 characters.
-    #[garde(custom(name_rules))]
+    /// Required, not empty, up to 64 characters.
+    #[garde(length(chars, min = 1, max = 64))]
     pub name: String,
     /// Default 0.
     #[garde(skip)]
     #[serde(default)]
     pub counter: i32,
-}
-
-fn name_rules(value: &str, _: &()) -> garde::Result {
-    if value.is_empty() {
-        return Err(garde::Error::new("This field may not be blank."));
-    }
-    if value.chars().count() > 64 {
-        return Err(garde::Error::new(
-            "Ensure this field has no more than 64 characters.",
-        ));
-    }
-    Ok(())
 }
 
 /// `{"pk": 1, "name": "...", "counter": 0}` (the `things` stream).

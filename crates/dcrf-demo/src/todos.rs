@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use dcrf::model::validators::not_blank;
 use dcrf::model::{Db, LimitOffset, ModelActions, ModelConsumer};
 use dcrf::observer::ModelObserver;
 use dcrf::prelude::*;
@@ -40,8 +41,8 @@ pub mod todo {
 #[derive(Debug, Deserialize, Serialize, garde::Validate, DeriveIntoActiveModel)]
 #[sea_orm(active_model = "todo::ActiveModel")]
 pub struct TodoInput {
-    /// Required, 1 to 200 characters.
-    #[garde(custom(title_rules))]
+    /// Required, not blank, at most 200 characters (DRF's `CharField(max_length=200)`).
+    #[garde(custom(not_blank), length(chars, max = 200))]
     pub title: String,
     /// Default false.
     #[garde(skip)]
@@ -51,19 +52,6 @@ pub struct TodoInput {
     #[garde(skip)]
     #[serde(default)]
     pub owner: String,
-}
-
-/// DRF's messages for a `CharField(max_length=200)`.
-fn title_rules(value: &str, _: &()) -> garde::Result {
-    if value.trim().is_empty() {
-        return Err(garde::Error::new("This field may not be blank."));
-    }
-    if value.chars().count() > 200 {
-        return Err(garde::Error::new(
-            "Ensure this field has no more than 200 characters.",
-        ));
-    }
-    Ok(())
 }
 
 /// list / retrieve / create / update / patch / delete over `todo`, instance subscriptions,

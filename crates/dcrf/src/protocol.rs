@@ -172,10 +172,97 @@ pub(crate) fn deserialize_error(err: serde_path_to_error::Error<serde_json::Erro
         };
         return ApiError::field(&full, "This field is required.");
     }
+    let message = type_message(&inner).unwrap_or(inner);
     if path == "." {
-        ApiError::bad_request(inner)
+        ApiError::bad_request(message)
     } else {
-        ApiError::field(&path, inner)
+        ApiError::field(&path, message)
+    }
+}
+
+/// DRF's texts for a value of the wrong JSON type, from serde's error message (`invalid type:
+/// string "two", expected i64`); `None` for messages that are not type mismatches.
+pub(crate) fn type_message(serde_message: &str) -> Option<String> {
+    let rest = serde_message
+        .strip_prefix("invalid type: ")
+        .or_else(|| serde_message.strip_prefix("invalid value: "))?;
+    let (unexpected, expected) = rest.split_once(", expected ")?;
+    if unexpected == "null" {
+        return Some("This field may not be null.".into());
+    }
+    let expected = expected.trim();
+    let integer = [
+        "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32", "u64", "u128", "usize",
+    ];
+    let message = if integer.contains(&expected) {
+        match out_of_range(unexpected, expected) {
+            Some(bound) => bound,
+            None => "A valid integer is required.".to_owned(),
+        }
+    } else if expected == "f32" || expected == "f64" {
+        "A valid number is required.".to_owned()
+    } else if expected == "a boolean" {
+        "Must be a valid boolean.".to_owned()
+    } else if expected == "a string" || expected == "a borrowed string" || expected == "a character"
+    {
+        "Not a valid string.".to_owned()
+    } else if expected == "a sequence" || expected.starts_with("a tuple") {
+        format!(
+            "Expected a list of items but got type \"{}\".",
+            python_type(unexpected)
+        )
+    } else if expected == "a map" || expected.starts_with("struct ") {
+        format!(
+            "Invalid data. Expected a dictionary, but got {}.",
+            python_type(unexpected)
+        )
+    } else {
+        return None;
+    };
+    Some(message)
+}
+
+/// DRF's bound message for an integer outside its Rust type (`integer `-1`` for a `u64`).
+fn out_of_range(unexpected: &str, expected: &str) -> Option<String> {
+    let value: i128 = unexpected
+        .strip_prefix("integer `")?
+        .strip_suffix('`')?
+        .parse()
+        .ok()?;
+    let (min, max): (i128, i128) = match expected {
+        "i8" => (i8::MIN.into(), i8::MAX.into()),
+        "i16" => (i16::MIN.into(), i16::MAX.into()),
+        "i32" => (i32::MIN.into(), i32::MAX.into()),
+        "i64" | "isize" => (i64::MIN.into(), i64::MAX.into()),
+        "u8" => (0, u8::MAX.into()),
+        "u16" => (0, u16::MAX.into()),
+        "u32" => (0, u32::MAX.into()),
+        "u64" | "usize" => (0, u64::MAX.into()),
+        _ => return None,
+    };
+    if value < min {
+        Some(format!(
+            "Ensure this value is greater than or equal to {min}."
+        ))
+    } else if value > max {
+        Some(format!("Ensure this value is less than or equal to {max}."))
+    } else {
+        None
+    }
+}
+
+/// DRF's (Python's) name for the type serde describes as `unexpected`.
+fn python_type(unexpected: &str) -> &'static str {
+    let kind = unexpected.split([' ', '`']).next().unwrap_or_default();
+    match kind {
+        "string" | "character" => "str",
+        "integer" => "int",
+        "floating" => "float",
+        "boolean" => "bool",
+        "map" => "dict",
+        "sequence" => "list",
+        "null" | "unit" => "NoneType",
+        _ => "object",
     }
 }
 
@@ -304,6 +391,60 @@ pub(crate) fn encode_error(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn serde_type_errors_in_drf_words() {
+        let cases = [
+            (
+                r#"invalid type: string "two", expected i64"#,
+                "A valid integer is required.",
+            ),
+            (
+                "invalid value: integer `5000000000`, expected i32",
+                "Ensure this value is less than or equal to 2147483647.",
+            ),
+            (
+                "invalid value: integer `-1`, expected u64",
+                "Ensure this value is greater than or equal to 0.",
+            ),
+            (
+                "invalid type: floating point `1.5`, expected u32",
+                "A valid integer is required.",
+            ),
+            (
+                r#"invalid type: string "x", expected f64"#,
+                "A valid number is required.",
+            ),
+            (
+                "invalid type: integer `1`, expected a boolean",
+                "Must be a valid boolean.",
+            ),
+            (
+                "invalid type: integer `5`, expected a string",
+                "Not a valid string.",
+            ),
+            (
+                "invalid type: null, expected a string",
+                "This field may not be null.",
+            ),
+            (
+                r#"invalid type: string "a", expected a sequence"#,
+                "Expected a list of items but got type \"str\".",
+            ),
+            (
+                "invalid type: sequence, expected struct Point",
+                "Invalid data. Expected a dictionary, but got list.",
+            ),
+        ];
+        for (serde, drf) in cases {
+            assert_eq!(type_message(serde).as_deref(), Some(drf), "{serde}");
+        }
+        assert_eq!(type_message("unknown field `x`"), None);
+        assert_eq!(
+            type_message("invalid type: map, expected a unit thing"),
+            None
+        );
+    }
+
     use super::*;
     use serde_json::json;
 
@@ -372,7 +513,7 @@ mod tests {
         assert_eq!(err.status(), 400);
         assert_eq!(
             json!(err.errors()),
-            json!([{"pk": ["invalid type: string \"a\", expected u64"]}])
+            json!([{"pk": ["A valid integer is required."]}])
         );
         let f = Frame::parse(r#"{"action":"x"}"#).unwrap();
         let err = f.args::<Args>().unwrap_err();

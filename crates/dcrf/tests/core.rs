@@ -400,7 +400,7 @@ async fn missing_and_mistyped_arguments_are_400_naming_the_field() {
         .await;
     bad_then_alive(
         &mut c,
-        json!({"errors": [{"b": ["invalid type: string \"two\", expected i64"]}], "data": null, "action": "add", "response_status": 400, "request_id": 2}),
+        json!({"errors": [{"b": ["A valid integer is required."]}], "data": null, "action": "add", "response_status": 400, "request_id": 2}),
     )
     .await;
     // Blocking and detached actions parse their arguments the same way.
@@ -415,7 +415,7 @@ async fn missing_and_mistyped_arguments_are_400_naming_the_field() {
         .await;
     bad_then_alive(
         &mut c,
-        json!({"errors": [{"pk": ["invalid value: integer `-1`, expected u64"]}], "data": null, "action": "test_detached_async_action", "response_status": 400, "request_id": 4}),
+        json!({"errors": [{"pk": ["Ensure this value is greater than or equal to 0."]}], "data": null, "action": "test_detached_async_action", "response_status": 400, "request_id": 4}),
     )
     .await;
 }

@@ -91,12 +91,14 @@ impl DbOptions {
     }
 
     /// Installs transaction hooks at connect time (change capture does).
+    #[cfg_attr(not(feature = "capture"), allow(dead_code))]
     pub(crate) fn txn_hooks(mut self, hooks: Arc<dyn TxnHooks>) -> Self {
         self.hooks = Some(hooks);
         self
     }
 
     /// The URL.
+    #[cfg_attr(not(feature = "capture"), allow(dead_code))]
     pub(crate) fn url(&self) -> &str {
         &self.url
     }
@@ -170,11 +172,13 @@ impl Db {
     }
 
     /// The transaction hooks installed on this database, if any.
+    #[cfg_attr(not(feature = "capture"), allow(dead_code))]
     pub(crate) fn txn_hooks(&self) -> Option<&Arc<dyn TxnHooks>> {
         self.hooks.get()
     }
 
     /// Installs transaction hooks; false when some are installed already.
+    #[cfg_attr(not(feature = "capture"), allow(dead_code))]
     pub(crate) fn set_txn_hooks(&self, hooks: Arc<dyn TxnHooks>) -> bool {
         self.hooks.set(hooks).is_ok()
     }

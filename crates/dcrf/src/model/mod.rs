@@ -69,6 +69,7 @@ mod db;
 mod lookup;
 mod pagination;
 mod validation;
+pub mod validators;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,7 @@
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use super::validators::DrfMessages;
 use crate::error::ApiError;
 use crate::protocol::deserialize_error;
 
@@ -99,7 +100,8 @@ fn python_type(v: &Value) -> &'static str {
     }
 }
 
-/// Parses `data` into an input type and runs its garde rules.
+/// Parses `data` into an input type and runs its garde rules, with DRF's messages
+/// ([`DrfMessages`](super::validators::DrfMessages)).
 ///
 /// With `base` (a partial update), `data`'s keys are laid over the current object first, so
 /// the input is validated as the object will be after the change.
@@ -124,7 +126,7 @@ where
         _ => Value::Object(fields),
     };
     let input: T = serde_path_to_error::deserialize(merged).map_err(deserialize_error)?;
-    if let Err(report) = input.validate() {
+    if let Err(report) = garde::i18n::with_i18n(DrfMessages, || input.validate()) {
         return Err(ValidationErrors::from_garde(&report).into());
     }
     Ok(input)
