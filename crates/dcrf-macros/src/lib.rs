@@ -1,30 +1,84 @@
 //! Procedural macros for [dcrf](https://docs.rs/dcrf). Use them through the `dcrf` crate:
 //! `#[dcrf::consumer]`.
+//!
+//! The expansion names only `::dcrf::Ctx`, `::dcrf::Frame`, `::dcrf::Consumer` and the items of
+//! `::dcrf::__private`.
 
 use proc_macro::TokenStream;
-use proc_macro2::Span;
-use quote::{format_ident, quote};
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote, quote_spanned};
 use syn::parse::{Parse, ParseStream};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
+use syn::visit_mut::VisitMut;
 use syn::{
-    Attribute, FnArg, ImplItem, ImplItemFn, ItemImpl, LitStr, Meta, Token, Type, parse_macro_input,
+    Attribute, FnArg, ImplItem, ImplItemFn, Item, ItemImpl, Lifetime, LitStr, Meta, Receiver,
+    Token, Type,
 };
 
-/// Registers the `#[action]` methods of an `impl` block as the consumer's actions.
+/// Turns an `impl` block's `#[action]` methods into a consumer's action table.
 ///
 /// See `dcrf::consumer` for the documentation.
 #[proc_macro_attribute]
 pub fn consumer(attr: TokenStream, item: TokenStream) -> TokenStream {
-    let args = parse_macro_input!(attr as ConsumerArgs);
-    let mut block = parse_macro_input!(item as ItemImpl);
-    match expand(&args, &mut block) {
-        Ok(tokens) => tokens.into(),
-        Err(e) => e.to_compile_error().into(),
+    let mut errors = Errors::default();
+    // A bad option is reported, and the block still expands (with no option) so that it is the
+    // only error.
+    let args = syn::parse::<ConsumerArgs>(attr).unwrap_or_else(|e| {
+        errors.push(e);
+        ConsumerArgs::default()
+    });
+    let item = match syn::parse::<Item>(item) {
+        Ok(item) => item,
+        Err(e) => return e.to_compile_error().into(),
+    };
+    let tokens = match item {
+        Item::Impl(block) => expand(&args, block, &mut errors),
+        other => {
+            errors.push(syn::Error::new(
+                item_span(&other),
+                "#[dcrf::consumer] goes on an `impl` block: `impl MyConsumer { ... }` or \
+                 `impl Consumer for MyConsumer { ... }`",
+            ));
+            quote! { #other }
+        }
+    };
+    let errors = errors.into_compile_errors();
+    quote! { #tokens #errors }.into()
+}
+
+/// Where to point an error about a whole item: its name, or all of it.
+fn item_span(item: &Item) -> Span {
+    match item {
+        Item::Struct(i) => i.ident.span(),
+        Item::Enum(i) => i.ident.span(),
+        Item::Union(i) => i.ident.span(),
+        Item::Fn(i) => i.sig.ident.span(),
+        Item::Trait(i) => i.ident.span(),
+        Item::Mod(i) => i.ident.span(),
+        other => other.span(),
+    }
+}
+
+/// The errors of one expansion, all reported together.
+#[derive(Default)]
+struct Errors(Option<syn::Error>);
+
+impl Errors {
+    fn push(&mut self, e: syn::Error) {
+        match &mut self.0 {
+            Some(all) => all.combine(e),
+            None => self.0 = Some(e),
+        }
+    }
+
+    fn into_compile_errors(self) -> TokenStream2 {
+        self.0.map(|e| e.to_compile_error()).unwrap_or_default()
     }
 }
 
 /// `#[dcrf::consumer]` or `#[dcrf::consumer(model)]`.
+#[derive(Default)]
 struct ConsumerArgs {
     model: bool,
 }
@@ -39,7 +93,7 @@ impl Parse for ConsumerArgs {
             } else {
                 return Err(syn::Error::new(
                     ident.span(),
-                    "unknown option: expected `model`",
+                    "unknown option: expected `model` (`#[dcrf::consumer(model)]`)",
                 ));
             }
         }
@@ -47,104 +101,97 @@ impl Parse for ConsumerArgs {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Normal,
-    Detached,
-    Blocking,
+/// Is `path` the `Consumer` trait: `Consumer`, `dcrf::Consumer` or `dcrf::consumer::Consumer`
+/// (with or without a leading `::`)?
+fn is_consumer_trait(path: &syn::Path) -> bool {
+    if path.segments.iter().any(|s| !s.arguments.is_none()) {
+        return false;
+    }
+    let segments: Vec<String> = path.segments.iter().map(|s| s.ident.to_string()).collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match segments.as_slice() {
+        ["Consumer"] => path.leading_colon.is_none(),
+        ["dcrf", "Consumer"] | ["dcrf", "consumer", "Consumer"] => true,
+        _ => false,
+    }
 }
 
-struct ActionSpec {
-    name: String,
-    kind: Kind,
-}
-
-fn parse_action_attr(attr: &Attribute) -> syn::Result<ActionSpec> {
-    let mut spec = ActionSpec {
-        name: String::new(),
-        kind: Kind::Normal,
-    };
-    if let Meta::List(_) = &attr.meta {
-        attr.parse_nested_meta(|meta| {
-            if meta.path.is_ident("name") {
-                let lit: LitStr = meta.value()?.parse()?;
-                spec.name = lit.value();
-                Ok(())
-            } else if meta.path.is_ident("detached") {
-                spec.kind = Kind::Detached;
-                Ok(())
-            } else if meta.path.is_ident("blocking") {
-                spec.kind = Kind::Blocking;
-                Ok(())
-            } else {
-                Err(meta.error("expected `name = \"...\"`, `detached` or `blocking`"))
+fn expand(args: &ConsumerArgs, mut block: ItemImpl, errors: &mut Errors) -> TokenStream2 {
+    let one_block = match &block.trait_ {
+        None => false,
+        Some((negative, path, _)) => {
+            if negative.is_some() || !is_consumer_trait(path) {
+                errors.push(syn::Error::new_spanned(
+                    path,
+                    "#[dcrf::consumer] goes on `impl MyConsumer { ... }` or \
+                     `impl Consumer for MyConsumer { ... }`, not on an impl of another trait",
+                ));
+                // The block as written, without the `#[action]` markers (not attributes rustc
+                // knows).
+                for item in &mut block.items {
+                    if let ImplItem::Fn(method) = item {
+                        method.attrs.retain(|a| !is_action_attr(a));
+                    }
+                }
+                return quote! { #block };
             }
-        })?;
-    }
-    Ok(spec)
-}
+            true
+        }
+    };
 
-/// The last path segment of a type, looking through one reference.
-fn type_name(ty: &Type) -> Option<String> {
-    match ty {
-        Type::Reference(r) => type_name(&r.elem),
-        Type::Path(p) => p.path.segments.last().map(|s| s.ident.to_string()),
-        _ => None,
-    }
-}
-
-enum Param {
-    Ctx { by_ref: bool },
-    Frame,
-    Args(Box<Type>),
-}
-
-fn classify(ty: &Type) -> Param {
-    let by_ref = matches!(ty, Type::Reference(_));
-    match type_name(ty).as_deref() {
-        Some("Ctx") => Param::Ctx { by_ref },
-        Some("Frame") if by_ref => Param::Frame,
-        _ => Param::Args(Box::new(ty.clone())),
-    }
-}
-
-fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2::TokenStream> {
-    if let Some((_, path, _)) = &block.trait_ {
-        return Err(syn::Error::new(
-            path.span(),
-            "#[dcrf::consumer] goes on an inherent impl block (`impl MyConsumer { ... }`)",
-        ));
-    }
-    let self_ty = block.self_ty.clone();
-    let (impl_generics, _, where_clause) = block.generics.split_for_impl();
     let mut arms = Vec::new();
     let mut names: Vec<(String, Span)> = Vec::new();
+    // Every item in its written order, with whether it is an action.
+    let mut items = Vec::with_capacity(block.items.len());
 
-    for item in &mut block.items {
-        let ImplItem::Fn(method) = item else { continue };
-        let Some(pos) = method
-            .attrs
-            .iter()
-            .position(|a| a.path().is_ident("action"))
-        else {
+    for item in std::mem::take(&mut block.items) {
+        let ImplItem::Fn(mut method) = item else {
+            items.push((false, item));
+            continue;
+        };
+        let Some(pos) = method.attrs.iter().position(is_action_attr) else {
+            items.push((false, ImplItem::Fn(method)));
             continue;
         };
         let attr = method.attrs.remove(pos);
-        let mut spec = parse_action_attr(&attr)?;
-        if spec.name.is_empty() {
-            spec.name = method.sig.ident.to_string();
+        // A second `#[action]` on one method is an unknown attribute for rustc; drop it too.
+        method.attrs.retain(|a| !is_action_attr(a));
+        match action(&attr, &method, &mut names) {
+            Ok(arm) => arms.push(arm),
+            Err(e) => errors.push(e),
         }
-        if let Some((_, span)) = names.iter().find(|(n, _)| *n == spec.name) {
-            let mut e = syn::Error::new(
-                method.sig.ident.span(),
-                format!("two actions are named \"{}\"", spec.name),
-            );
-            e.combine(syn::Error::new(*span, "first defined here"));
-            return Err(e);
-        }
-        names.push((spec.name.clone(), method.sig.ident.span()));
-        arms.push(action_arm(&spec, method)?);
+        items.push((true, ImplItem::Fn(method)));
     }
+
+    let self_ty = &block.self_ty;
+    let (impl_generics, _, where_clause) = block.generics.split_for_impl();
+
+    let blocks = if one_block {
+        // The actions move to an inherent impl; the hooks stay in `impl Consumer`.
+        let (actions, hooks): (Vec<_>, Vec<_>) = items.into_iter().partition(|(a, _)| *a);
+        let inherent = ItemImpl {
+            attrs: block.attrs.clone(),
+            defaultness: None,
+            unsafety: None,
+            impl_token: block.impl_token,
+            generics: block.generics.clone(),
+            trait_: None,
+            self_ty: block.self_ty.clone(),
+            brace_token: block.brace_token,
+            items: actions.into_iter().map(|(_, i)| i).collect(),
+        };
+        let trait_impl = ItemImpl {
+            items: hooks.into_iter().map(|(_, i)| i).collect(),
+            ..block.clone()
+        };
+        quote! { #inherent #trait_impl }
+    } else {
+        let inherent = ItemImpl {
+            items: items.into_iter().map(|(_, i)| i).collect(),
+            ..block.clone()
+        };
+        quote! { #inherent }
+    };
 
     let fallback = if args.model {
         quote! { ::dcrf::__private::dispatch_model(self, ctx, action, frame).await }
@@ -168,8 +215,8 @@ fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2:
         }
     });
 
-    Ok(quote! {
-        #block
+    quote! {
+        #blocks
 
         impl #impl_generics ::dcrf::__private::ActionTable for #self_ty #where_clause {
             #[allow(clippy::manual_async_fn)]
@@ -198,168 +245,320 @@ fn expand(args: &ConsumerArgs, block: &mut ItemImpl) -> syn::Result<proc_macro2:
 
             #mounted
         }
-    })
+    }
 }
 
-fn action_arm(spec: &ActionSpec, method: &ImplItemFn) -> syn::Result<proc_macro2::TokenStream> {
-    let name = &spec.name;
-    let ident = &method.sig.ident;
-    let mut receiver = None;
-    let mut params = Vec::new();
-    for input in &method.sig.inputs {
-        match input {
-            FnArg::Receiver(r) => receiver = Some(r),
-            FnArg::Typed(t) => params.push(classify(&t.ty)),
+fn is_action_attr(attr: &Attribute) -> bool {
+    attr.path().is_ident("action")
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Normal,
+    Detached,
+    Blocking,
+}
+
+impl Kind {
+    fn word(self) -> &'static str {
+        match self {
+            Kind::Normal => "normal",
+            Kind::Detached => "detached",
+            Kind::Blocking => "blocking",
         }
     }
-    let is_async = method.sig.asyncness.is_some();
-    let args_count = params
-        .iter()
-        .filter(|p| matches!(p, Param::Args(_)))
-        .count();
-    if args_count > 1 {
-        return Err(syn::Error::new(
-            method.sig.inputs.span(),
-            "an action takes at most one argument type (a struct deserialized from the message); \
-             put the fields in one struct",
-        ));
-    }
-    let args_ty = params.iter().find_map(|p| match p {
-        Param::Args(t) => Some((**t).clone()),
-        _ => None,
-    });
+}
 
+/// What `#[action(...)]` says.
+struct ActionSpec {
+    name: Option<String>,
+    kind: Kind,
+}
+
+fn parse_action_attr(attr: &Attribute) -> syn::Result<ActionSpec> {
+    let mut spec = ActionSpec {
+        name: None,
+        kind: Kind::Normal,
+    };
+    if let Meta::Path(_) = &attr.meta {
+        return Ok(spec);
+    }
+    // `#[action(...)]`; syn rejects `#[action = ...]` here.
+    attr.parse_nested_meta(|meta| {
+        let kind = if meta.path.is_ident("name") {
+            let lit: LitStr = meta.value()?.parse()?;
+            spec.name = Some(lit.value());
+            return Ok(());
+        } else if meta.path.is_ident("detached") {
+            Kind::Detached
+        } else if meta.path.is_ident("blocking") {
+            Kind::Blocking
+        } else {
+            return Err(meta.error(
+                "unknown action option: expected `name = \"...\"`, `detached` or `blocking`",
+            ));
+        };
+        if spec.kind != Kind::Normal && spec.kind != kind {
+            return Err(meta.error(
+                "an action is either `detached` (an `async fn` run concurrently) or `blocking` \
+                 (a plain `fn` run on the blocking pool), not both",
+            ));
+        }
+        spec.kind = kind;
+        Ok(())
+    })?;
+    Ok(spec)
+}
+
+/// One `#[action]` method: checks it and writes its `match` arm.
+fn action(
+    attr: &Attribute,
+    method: &ImplItemFn,
+    names: &mut Vec<(String, Span)>,
+) -> syn::Result<TokenStream2> {
+    let spec = parse_action_attr(attr)?;
+    let name = spec.name.unwrap_or_else(|| method.sig.ident.to_string());
+    if let Some((_, first)) = names.iter().find(|(n, _)| *n == name) {
+        let mut e = syn::Error::new(
+            method.sig.ident.span(),
+            format!("two actions are named \"{name}\""),
+        );
+        e.combine(syn::Error::new(*first, "first defined here"));
+        return Err(e);
+    }
+    names.push((name.clone(), method.sig.ident.span()));
+
+    let sig = &method.sig;
+    let receiver = sig.receiver();
     match spec.kind {
         Kind::Normal => {
-            if !is_async {
+            if sig.asyncness.is_none() {
                 return Err(syn::Error::new(
-                    method.sig.fn_token.span(),
+                    sig.fn_token.span(),
                     "an action is an `async fn`; use #[action(blocking)] for a blocking `fn`",
                 ));
             }
-            let Some(_) = receiver else {
-                return Err(syn::Error::new(
-                    method.sig.ident.span(),
-                    "an action takes `&mut self` or `&self`; detached actions take no receiver: \
-                     #[action(detached)]",
-                ));
-            };
-            let call_args: Vec<_> = params
-                .iter()
-                .map(|p| match p {
-                    Param::Ctx { by_ref: true } => quote! { ctx },
-                    Param::Ctx { by_ref: false } => quote! { ctx.clone() },
-                    Param::Frame => quote! { frame },
-                    Param::Args(_) => quote! { __args },
-                })
-                .collect();
-            let parse = args_ty.as_ref().map(|ty| {
-                quote! {
-                    let __args: #ty = match frame.args::<#ty>() {
-                        Ok(a) => a,
-                        Err(e) => {
-                            let _ = ctx.send_error(&e, Some(action), frame.request_id()).await;
-                            return ::dcrf::__private::Dispatched::Handled;
-                        }
-                    };
+            match receiver {
+                None => {
+                    return Err(syn::Error::new(
+                        sig.ident.span(),
+                        "an action takes `&mut self` or `&self` first; an action without a \
+                         receiver is #[action(detached)] (an `async fn`) or #[action(blocking)] \
+                         (a plain `fn`)",
+                    ));
                 }
-            });
-            Ok(quote! {
-                #name => {
-                    #parse
-                    let __result = self.#ident(#(#call_args),*).await;
-                    ctx.finish(action, frame.request_id(), __result).await;
-                    ::dcrf::__private::Dispatched::Handled
+                Some(r) if !borrows_self(r) => {
+                    return Err(syn::Error::new_spanned(
+                        r,
+                        "an action borrows its consumer: take `&mut self` or `&self`",
+                    ));
                 }
-            })
+                Some(_) => {}
+            }
         }
         Kind::Detached | Kind::Blocking => {
-            let what = if spec.kind == Kind::Detached {
-                "detached"
-            } else {
-                "blocking"
-            };
-            if receiver.is_some() {
-                return Err(syn::Error::new(
-                    method.sig.ident.span(),
+            let what = spec.kind.word();
+            if let Some(r) = receiver {
+                return Err(syn::Error::new_spanned(
+                    r,
                     format!(
-                        "a {what} action runs beside the connection and cannot borrow it: \
-                         take `ctx: Ctx` (detached) or `ctx: &Ctx` (blocking) instead of `self`"
+                        "a {what} action runs beside the connection and cannot borrow the \
+                         consumer: remove `self` and take owned parameters (`ctx: Ctx`, an \
+                         arguments struct, ...)"
                     ),
                 ));
             }
-            if params.iter().any(|p| matches!(p, Param::Frame)) {
+            if spec.kind == Kind::Detached && sig.asyncness.is_none() {
                 return Err(syn::Error::new(
-                    method.sig.inputs.span(),
-                    format!("a {what} action takes owned arguments, not `&Frame`"),
+                    sig.fn_token.span(),
+                    "a detached action is an `async fn`; use #[action(blocking)] for a \
+                     blocking `fn`",
                 ));
             }
-            if spec.kind == Kind::Detached && !is_async {
+            if spec.kind == Kind::Blocking
+                && let Some(a) = sig.asyncness
+            {
                 return Err(syn::Error::new(
-                    method.sig.fn_token.span(),
-                    "a detached action is an `async fn`",
+                    a.span(),
+                    "a blocking action is a plain `fn` (it runs on the blocking pool); \
+                     use #[action(detached)] for an `async fn` that runs concurrently",
                 ));
-            }
-            if spec.kind == Kind::Blocking && is_async {
-                return Err(syn::Error::new(
-                    method.sig.fn_token.span(),
-                    "a blocking action is a plain `fn` (it runs on the blocking pool)",
-                ));
-            }
-            let blocking_ctx = format_ident!("__ctx");
-            let call_args: Vec<_> = params
-                .iter()
-                .map(|p| match (p, spec.kind) {
-                    (Param::Ctx { by_ref: true }, Kind::Blocking) => quote! { #blocking_ctx },
-                    (Param::Ctx { by_ref: false }, Kind::Blocking) => {
-                        quote! { #blocking_ctx.clone() }
-                    }
-                    (Param::Ctx { by_ref: false }, _) => quote! { ctx.clone() },
-                    (Param::Ctx { by_ref: true }, _) => quote! { &ctx.clone() },
-                    (_, _) => quote! { __args },
-                })
-                .collect();
-            let parse = match &args_ty {
-                Some(ty) => quote! {
-                    let __args: #ty = match frame.args::<#ty>() {
-                        Ok(a) => a,
-                        Err(e) => {
-                            let _ = ctx.send_error(&e, Some(action), frame.request_id()).await;
-                            return ::dcrf::__private::Dispatched::Handled;
-                        }
-                    };
-                },
-                None => quote! {},
-            };
-            if spec.kind == Kind::Detached {
-                if params
-                    .iter()
-                    .any(|p| matches!(p, Param::Ctx { by_ref: true }))
-                {
-                    return Err(syn::Error::new(
-                        method.sig.inputs.span(),
-                        "a detached action owns its context: take `ctx: Ctx`, not `&Ctx`",
-                    ));
-                }
-                Ok(quote! {
-                    #name => {
-                        #parse
-                        ctx.spawn_action(action, frame.request_id(), Self::#ident(#(#call_args),*));
-                        ::dcrf::__private::Dispatched::Handled
-                    }
-                })
-            } else {
-                Ok(quote! {
-                    #name => {
-                        #parse
-                        match ctx.run_blocking(move |#blocking_ctx: &::dcrf::Ctx| Self::#ident(#(#call_args),*)).await {
-                            Ok(__result) => ctx.finish(action, frame.request_id(), __result).await,
-                            Err(e) => { let _ = ctx.send_error(&e, Some(action), frame.request_id()).await; }
-                        }
-                        ::dcrf::__private::Dispatched::Handled
-                    }
-                })
             }
         }
+    }
+
+    // The method's own lifetimes are not in scope in `dispatch`: there they are inferred.
+    let method_lifetimes: Vec<syn::Ident> = sig
+        .generics
+        .lifetimes()
+        .map(|l| l.lifetime.ident.clone())
+        .collect();
+    let mut extract = Vec::new();
+    let mut send_checks = Vec::new();
+    let mut vars = Vec::new();
+    for (i, input) in sig.inputs.iter().enumerate() {
+        let FnArg::Typed(param) = input else { continue };
+        let mut ty = (*param.ty).clone();
+        InferLifetimes(&method_lifetimes).visit_type_mut(&mut ty);
+        let var = format_ident!("__dcrf_param_{}", i);
+        // A trait error points at the whole parameter type: rustc spans an expression from its
+        // first token to its last.
+        let (first, last) = span_range(&param.ty);
+        let close = quote_spanned! {last=> > };
+        let extraction = if spec.kind == Kind::Normal {
+            let open = quote_spanned! {first=> < };
+            quote! {
+                #open #ty as ::dcrf::__private::FromFrame<'_, _ #close>::from_frame(ctx, frame)
+            }
+        } else {
+            // Built before the action is spawned, and owned (see `owned_parameters`). Both
+            // paths span the whole type, so that when the type is no parameter at all rustc
+            // reports only the owned bound (which implies `FromFrame`).
+            let helper = quote_spanned! {first=> __dcrf_owned_parameter };
+            let root = quote_spanned! {first=> :: };
+            let call = quote_spanned! {last=> from_frame(ctx, frame) };
+            quote! {
+                #helper::<#ty, _, _ #close(#root dcrf::__private::FromFrame::#call)
+            }
+        };
+        extract.push(quote! {
+            let #var = match #extraction {
+                ::core::result::Result::Ok(value) => value,
+                ::core::result::Result::Err(e) => {
+                    let _ = ctx
+                        .send_error(&e, ::core::option::Option::Some(action), frame.request_id())
+                        .await;
+                    return ::dcrf::__private::Dispatched::Handled;
+                }
+            };
+        });
+        if spec.kind != Kind::Normal {
+            let send = quote_spanned! {first=> __dcrf_parameter_must_be_send };
+            let arg = quote_spanned! {last=> (&#var) };
+            send_checks.push(quote! { #send::<#ty #close #arg; });
+        }
+        vars.push(var);
+    }
+
+    let ident = &sig.ident;
+    // A return type that is not an action result is reported once, at the return type.
+    let ret_span = match &sig.output {
+        syn::ReturnType::Default => sig.ident.span(),
+        syn::ReturnType::Type(_, ty) => ty.span(),
+    };
+    let finish = quote_spanned! {ret_span=>
+        ctx.finish(action, frame.request_id(), __dcrf_result).await
+    };
+    Ok(match spec.kind {
+        Kind::Normal => quote! {
+            #name => {
+                #(#extract)*
+                let __dcrf_result = self.#ident(#(#vars),*).await;
+                #finish;
+                ::dcrf::__private::Dispatched::Handled
+            }
+        },
+        Kind::Detached => {
+            let helpers = owned_parameters(spec.kind, ident);
+            // What the checks above do not catch is reported at the action's name.
+            let spawn = quote_spanned! {ident.span()=>
+                ctx.spawn_action(action, frame.request_id(), Self::#ident(#(#vars),*))
+            };
+            quote! {
+                #name => {
+                    #helpers
+                    #(#extract)*
+                    #(#send_checks)*
+                    #spawn;
+                    ::dcrf::__private::Dispatched::Handled
+                }
+            }
+        }
+        Kind::Blocking => {
+            let helpers = owned_parameters(spec.kind, ident);
+            let run = quote_spanned! {ident.span()=>
+                ctx.run_blocking(move |_: &::dcrf::Ctx| Self::#ident(#(#vars),*))
+            };
+            quote! {
+                #name => {
+                    #helpers
+                    #(#extract)*
+                    #(#send_checks)*
+                    match #run.await {
+                        ::core::result::Result::Ok(__dcrf_result) => {
+                            #finish
+                        }
+                        ::core::result::Result::Err(e) => {
+                            let _ = ctx
+                                .send_error(&e, ::core::option::Option::Some(action), frame.request_id())
+                                .await;
+                        }
+                    }
+                    ::dcrf::__private::Dispatched::Handled
+                }
+            }
+        }
+    })
+}
+
+/// The spans of the first and last tokens of a type.
+fn span_range(ty: &Type) -> (Span, Span) {
+    let mut tokens = quote! { #ty }.into_iter();
+    let first = tokens.next().map_or_else(Span::call_site, |t| t.span());
+    let last = tokens.last().map_or(first, |t| t.span());
+    (first, last)
+}
+
+/// Is the receiver `&self`, `&mut self` or `self: &[mut] Self`?
+fn borrows_self(r: &Receiver) -> bool {
+    matches!(&*r.ty, Type::Reference(_))
+}
+
+/// Replaces the given lifetimes with `'_`.
+struct InferLifetimes<'a>(&'a [syn::Ident]);
+
+impl VisitMut for InferLifetimes<'_> {
+    fn visit_lifetime_mut(&mut self, lifetime: &mut Lifetime) {
+        if self.0.contains(&lifetime.ident) {
+            *lifetime = Lifetime::new("'_", lifetime.span());
+        }
+    }
+}
+
+/// The helpers that build a detached or blocking action's parameters and check they are owned.
+///
+/// An owned parameter is built the same way for every lifetime of the connection and the frame
+/// (`for<'x> FromFrame<'x, _>`) and is `Send`. A reference, however it is spelled (type aliases
+/// included), or a type that borrows from the frame is not owned and fails a bound whose message
+/// says so, at the parameter's type; so does a type that is no parameter at all. The items are
+/// local to the action's arm, prefixed so they shadow nothing the parameter types name.
+fn owned_parameters(kind: Kind, ident: &syn::Ident) -> TokenStream2 {
+    let what = kind.word();
+    let message = format!(
+        "`{{Self}}` cannot be a parameter of {what} action `{ident}`: its parameters must be owned"
+    );
+    let label = "not an owned parameter".to_owned();
+    let note = format!(
+        "a {what} action runs after the frame is handled: its parameters are `Ctx` (not `&Ctx`), \
+         `serde::Deserialize` structs of the message's fields, or extractors \
+         (`dcrf::extract::FromFrame`) that own their data"
+    );
+    quote! {
+        #[diagnostic::on_unimplemented(message = #message, label = #label, note = #note)]
+        trait __DcrfOwnedParameter<M>: for<'x> ::dcrf::__private::FromFrame<'x, M> {}
+        #[diagnostic::do_not_recommend]
+        impl<T, M> __DcrfOwnedParameter<M> for T where
+            T: for<'x> ::dcrf::__private::FromFrame<'x, M>
+        {
+        }
+        fn __dcrf_owned_parameter<T, M, E>(
+            built: ::core::result::Result<T, E>,
+        ) -> ::core::result::Result<T, E>
+        where
+            T: __DcrfOwnedParameter<M>,
+        {
+            built
+        }
+        fn __dcrf_parameter_must_be_send<T: Send>(_: &T) {}
     }
 }

@@ -1,18 +1,24 @@
 //! Action parameters: [`FromFrame`], how each parameter of an `#[action]` is built.
 //!
 //! The [`#[dcrf::consumer]`](macro@crate::consumer) attribute builds every parameter of an
-//! action (after the receiver) with `FromFrame`, whatever its name or spelling:
+//! action (after the receiver), in order, with `FromFrame`: the parameter's type decides, not
+//! its name or spelling (a type alias is the type it names).
 //!
 //! | parameter | what it is |
 //! |---|---|
 //! | `&Ctx` | the connection's context |
-//! | `Ctx` | an owned clone of it (detached and blocking actions) |
+//! | `Ctx` | an owned clone of it |
 //! | `&Frame<'_>` | the raw message |
-//! | any `T: serde::de::DeserializeOwned` | the message's fields, deserialized (a missing or mistyped field answers 400 naming it) |
+//! | any `T: serde::de::DeserializeOwned` | the message's fields, deserialized (a missing or mistyped field answers 400 naming it); several such structs each read the fields they name |
 //! | your own type | whatever your `impl FromFrame` builds |
 //!
 //! A failed extraction answers the action's request with the extractor's [`ApiError`] and the
 //! action does not run.
+//!
+//! Detached and blocking actions run after the frame is handled: their parameters are built
+//! before they start and must be owned, that is `Send` and built the same for every lifetime
+//! of the connection and the frame (`Ctx`, a fields struct, an extractor that owns its data; not
+//! `&Ctx`, `&Frame` or a type borrowing from them).
 
 use serde::de::DeserializeOwned;
 
@@ -24,7 +30,8 @@ use crate::protocol::Frame;
 /// `FromRequestParts`, for DCRF frames).
 ///
 /// `M` only tells the blanket implementations apart; implement `FromFrame<'a>` (the default
-/// `M`) for your own types:
+/// `M`) for your own types. A type that borrows from the frame (`impl<'a> FromFrame<'a> for
+/// Field<'a>`) serves normal actions only; an owned one serves all three kinds:
 ///
 /// ```
 /// use dcrf::extract::FromFrame;
@@ -36,6 +43,35 @@ use crate::protocol::Frame;
 /// impl<'a> FromFrame<'a> for SignedIn {
 ///     fn from_frame(ctx: &'a Ctx, _frame: &'a Frame<'a>) -> Result<Self, ApiError> {
 ///         ctx.user().cloned().map(SignedIn).ok_or_else(ApiError::permission_denied)
+///     }
+/// }
+///
+/// /// The request id as written, borrowed from the frame: for normal actions.
+/// struct RequestIdText<'a>(&'a str);
+///
+/// impl<'a> FromFrame<'a> for RequestIdText<'a> {
+///     fn from_frame(_ctx: &'a Ctx, frame: &'a Frame<'a>) -> Result<Self, ApiError> {
+///         let rid = frame.request_id().ok_or_else(|| ApiError::bad_request("No request_id."))?;
+///         Ok(RequestIdText(rid.get()))
+///     }
+/// }
+///
+/// struct Account;
+///
+/// #[dcrf::consumer]
+/// impl Consumer for Account {
+///     #[action]
+///     async fn whoami<'f>(
+///         &mut self,
+///         user: SignedIn,
+///         rid: RequestIdText<'f>,
+///     ) -> Result<Reply<String>, ApiError> {
+///         Ok(Reply::ok(format!("{} (request {})", user.0.username, rid.0)))
+///     }
+///
+///     #[action(detached)]
+///     async fn later(user: SignedIn) -> Result<Reply<String>, ApiError> {
+///         Ok(Reply::ok(user.0.username))
 ///     }
 /// }
 /// ```
@@ -75,6 +111,9 @@ impl<'a> FromFrame<'a> for &'a Frame<'a> {
     }
 }
 
+// Not suggested in errors: a type that is not a parameter gets `FromFrame`'s own message
+// rather than "`Deserialize` is not implemented".
+#[diagnostic::do_not_recommend]
 impl<'a, T: DeserializeOwned> FromFrame<'a, Fields> for T {
     fn from_frame(_ctx: &'a Ctx, frame: &'a Frame<'a>) -> Result<Self, ApiError> {
         frame.args::<T>()

@@ -115,53 +115,180 @@ pub use sea_orm;
 pub use serde;
 pub use serde_json;
 
-/// Turns an `impl` block into a consumer's action table.
+/// Turns an `impl` block into a consumer: its `#[action]` methods become the consumer's actions.
 ///
-/// Each method marked `#[action]` becomes an action named after the method (or
-/// `#[action(name = "...")]`). Parameters after the receiver, in any order and all optional:
-/// - `ctx: &Ctx` — the connection context;
-/// - one argument type `T: serde::de::DeserializeOwned` — built from the message's fields
-///   (missing or mistyped fields answer 400 naming the field);
-/// - `frame: &Frame<'_>` — the raw message, for actions that read fields themselves.
+/// # Two forms
 ///
-/// It returns `Result<Reply<T>, E>` (or `Result<(), E>` to send nothing), `E: Into<ApiError>`.
-///
-/// Three kinds of action:
-/// - `#[action] async fn f(&mut self, ...)`: runs on the connection, one at a time, in
-///   arrival order, with access to the consumer's state;
-/// - `#[action(detached)] async fn f(ctx: Ctx, ...)`: runs concurrently, replies when done,
-///   cancelled when the socket closes;
-/// - `#[action(blocking)] fn f(ctx: &Ctx, ...)`: blocking code, run on tokio's blocking pool
-///   (the connection waits for it, keeping the order).
-///
-/// `#[dcrf::consumer(model)]` adds the model actions of a
-/// [`ModelConsumer`](crate::model::ModelConsumer) after yours.
+/// One block, `impl Consumer for T`, holding the actions and the [`Consumer`] hooks
+/// (`permissions`, `connect`, `on_event`, `disconnect`) together; the attribute moves the actions
+/// to an inherent `impl T` and leaves the hooks in `impl Consumer for T`. The trait may be written
+/// `Consumer`, `dcrf::Consumer` or `dcrf::consumer::Consumer`; generics and where clauses carry
+/// over:
 ///
 /// ```
 /// use dcrf::prelude::*;
 /// use serde::Deserialize;
 ///
 /// #[derive(Default)]
-/// struct Jobs;
+/// struct Greeter { greeted: u32 }
+///
+/// #[derive(Deserialize)]
+/// struct Greet { name: String }
+///
+/// #[dcrf::consumer]
+/// impl Consumer for Greeter {
+///     fn permissions(&self) -> Option<Permissions> {
+///         Some(Permissions::new(IsAuthenticated))
+///     }
+///
+///     /// → `{"action": "greet", "name": "Ada", "request_id": 1}`
+///     /// ← `{"errors": [], "data": "Hello, Ada! (#1)", "action": "greet", "response_status": 200, "request_id": 1}`
+///     #[action]
+///     async fn greet(&mut self, args: Greet) -> Result<Reply<String>, ApiError> {
+///         self.greeted += 1;
+///         Ok(Reply::ok(format!("Hello, {}! (#{})", args.name, self.greeted)))
+///     }
+/// }
+/// ```
+///
+/// Or two blocks, as before: `#[dcrf::consumer] impl T { ... }` with the actions, and a plain
+/// `impl Consumer for T { ... }` (possibly empty) with the hooks.
+///
+/// # Actions
+///
+/// Each method marked `#[action]` is an action named after the method, or
+/// `#[action(name = "...")]`. It returns `Result<Reply<T>, E>` (or `Result<(), E>` to send
+/// nothing) with `E: Into<ApiError>`. There are three kinds:
+///
+/// | kind | written | runs |
+/// |---|---|---|
+/// | normal | `#[action] async fn f(&mut self, ...)` (or `&self`) | on the connection, one at a time, in arrival order, with the consumer's state |
+/// | detached | `#[action(detached)] async fn f(...)`, no receiver | concurrently ([`Ctx::spawn_action`]); replies when done; cancelled when the socket closes |
+/// | blocking | `#[action(blocking)] fn f(...)`, no receiver, not `async` | on tokio's blocking pool ([`Ctx::run_blocking`]); the connection waits for it, keeping the order |
+///
+/// # Parameters
+///
+/// Every parameter after the receiver is built, in order, by
+/// [`FromFrame`](extract::FromFrame): its type decides what it is, not its name or spelling (a
+/// type alias is the type it names). The first that fails answers the request with its
+/// [`ApiError`] and the action does not run.
+///
+/// | parameter | what it is |
+/// |---|---|
+/// | `&Ctx` | the connection's context |
+/// | `Ctx` | an owned clone of it |
+/// | `&Frame<'_>` | the raw message |
+/// | `T: serde::de::DeserializeOwned` | the message's fields, deserialized; a missing or mistyped field answers 400 naming it. Several such structs may each read the fields they name |
+/// | your type | whatever its [`FromFrame`](extract::FromFrame) implementation builds, or its error |
+///
+/// A detached or blocking action runs after the frame is handled, so its parameters are built
+/// before it starts and must be owned: `Send`, and not borrowed from the connection or the
+/// frame (`Ctx`, not `&Ctx`; no `&Frame`). A borrowed parameter fails to compile, with the
+/// error at its type.
+///
+/// ```
+/// use dcrf::extract::FromFrame;
+/// use dcrf::prelude::*;
+/// use serde::Deserialize;
+///
+/// /// The signed-in user, or 403 before the action runs.
+/// struct SignedIn(User);
+///
+/// impl<'a> FromFrame<'a> for SignedIn {
+///     fn from_frame(ctx: &'a Ctx, _frame: &'a Frame<'a>) -> Result<Self, ApiError> {
+///         ctx.user().cloned().map(SignedIn).ok_or_else(ApiError::permission_denied)
+///     }
+/// }
 ///
 /// #[derive(Deserialize)]
 /// struct Wait { seconds: u64 }
 ///
+/// #[derive(Deserialize)]
+/// struct Text { text: String }
+///
+/// struct Jobs;
+///
 /// #[dcrf::consumer]
-/// impl Jobs {
+/// impl Consumer for Jobs {
+///     /// Reads `"text"` and the raw frame; only for signed-in users.
+///     #[action]
+///     async fn echo(
+///         &mut self,
+///         user: SignedIn,
+///         args: Text,
+///         frame: &Frame<'_>,
+///     ) -> Result<Reply<String>, ApiError> {
+///         let fields = frame.fields().len();
+///         Ok(Reply::ok(format!("{}: {} ({fields} fields)", user.0.username, args.text)))
+///     }
+///
+///     /// Concurrent: other frames are handled while it sleeps.
 ///     #[action(detached)]
-///     async fn wait(ctx: Ctx, args: Wait) -> Result<Reply<u64>, ApiError> {
+///     async fn wait(ctx: Ctx, user: SignedIn, args: Wait) -> Result<Reply<u64>, ApiError> {
 ///         tokio::time::sleep(std::time::Duration::from_secs(args.seconds)).await;
+///         let _ = (ctx.connection_id(), user.0.id);
 ///         Ok(Reply::ok(args.seconds))
 ///     }
 ///
+///     /// Blocking code, with two argument structs.
 ///     #[action(blocking, name = "checksum")]
-///     fn checksum_blocking(frame_len: Wait) -> Result<Reply<u64>, ApiError> {
-///         Ok(Reply::ok(frame_len.seconds * 31))
+///     fn checksum_blocking(args: Wait, text: Text) -> Result<Reply<u64>, ApiError> {
+///         Ok(Reply::ok(args.seconds * 31 + text.text.len() as u64))
 ///     }
 /// }
-/// impl Consumer for Jobs {}
 /// ```
+///
+/// # Model consumers
+///
+/// `#[dcrf::consumer(model)]` adds the model actions of a
+/// [`ModelConsumer`](crate::model::ModelConsumer) (`list`, `retrieve`, `create`, ...) after
+/// yours, so one block makes a complete model consumer:
+///
+/// ```
+/// # use dcrf::model::{Db, ModelConsumer};
+/// # use dcrf::prelude::*;
+/// # use sea_orm::entity::prelude::*;
+/// # use serde::Deserialize;
+/// # mod todo {
+/// #     use sea_orm::entity::prelude::*;
+/// #     #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, serde::Deserialize)]
+/// #     #[sea_orm(table_name = "todo")]
+/// #     pub struct Model {
+/// #         #[sea_orm(primary_key)]
+/// #         pub id: i32,
+/// #         pub title: String,
+/// #     }
+/// #     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+/// #     pub enum Relation {}
+/// #     impl ActiveModelBehavior for ActiveModel {}
+/// # }
+/// # #[derive(Deserialize, garde::Validate, DeriveIntoActiveModel)]
+/// # #[sea_orm(active_model = "todo::ActiveModel")]
+/// # struct TodoInput {
+/// #     #[garde(length(min = 1))]
+/// #     title: String,
+/// # }
+/// struct Todos { db: Db }
+///
+/// impl ModelConsumer for Todos {
+///     type Entity = todo::Entity;
+///     type Output = todo::Model;
+///     type Input = TodoInput;
+///     fn db(&self) -> &Db { &self.db }
+/// }
+///
+/// #[dcrf::consumer(model)]
+/// impl Consumer for Todos {}
+/// ```
+///
+/// # Compile errors
+///
+/// The attribute rejects, at the offending code: an unknown option (only `model`), an impl of
+/// another trait, two actions with one name, an unknown `#[action(...)]` option, a normal action
+/// that is not `async` or takes no `&self`/`&mut self`, a detached or blocking action with a
+/// receiver, a detached action that is not `async`, a blocking action that is. The compiler
+/// rejects a parameter type that is not built by `FromFrame`, and a borrowed parameter of a
+/// detached or blocking action.
 pub use dcrf_macros::consumer;
 
 /// Everything a consumer module usually needs.

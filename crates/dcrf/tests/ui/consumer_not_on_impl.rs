@@ -1,0 +1,4 @@
+#[dcrf::consumer]
+struct Todos;
+
+fn main() {}

@@ -1,0 +1,13 @@
+use dcrf::prelude::*;
+
+struct Jobs;
+
+#[dcrf::consumer]
+impl Consumer for Jobs {
+    #[action(detached)]
+    fn wait(ctx: Ctx) -> Result<Reply<u64>, ApiError> {
+        Ok(Reply::ok(ctx.connection_id()))
+    }
+}
+
+fn main() {}
