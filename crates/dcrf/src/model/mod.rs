@@ -61,7 +61,6 @@
 //! }
 //!
 //! #[dcrf::consumer(model)]
-//! impl Todos {}
 //! impl Consumer for Todos {}
 //! ```
 
