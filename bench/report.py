@@ -4,6 +4,12 @@ the markers <!-- bench:begin --> and <!-- bench:end --> (the rest of the file is
 chart, bench/results/chart.png (needs matplotlib, installed in bench/python/.venv).
 
     bench/python/.venv/bin/python bench/report.py [--results bench/results] [--output BENCHMARKS.md]
+
+Every figure in the generated section comes from the result files: the tables, the targets
+and their status, the machine and database facts (meta.json). A field an older dcrf-bench did
+not write is shown as unknown ("?"), never as zero. Rows with errors, unmatched replies, lost
+requests, duplicate pushes or censored latencies get a warning line; a run made on a working
+tree with uncommitted changes gets a loud warning at the top.
 """
 import argparse
 import json
@@ -26,6 +32,20 @@ bare WebSocket echo server (`dcrf-bench raw-echo`) as the ceiling. The load gene
 SERVERS = ["raw", "dcrf", "python"]
 SERVER_NAMES = {"raw": "raw echo", "dcrf": "dcrf-demo", "python": "Python DCRF"}
 REQUEST_SCENARIOS = ["echo", "retrieve", "list", "create", "patch"]
+PERCENTILES = ["p50_us", "p90_us", "p99_us", "p999_us", "max_us"]
+# dcrf-bench before `censored` existed clamped every latency at 60 s without saying so.
+LEGACY_CAP_US = 60_000_000.0
+UNKNOWN = "?"
+
+# The project's targets: (key, text, threshold). Their status is computed from the results.
+TARGET_ECHO_RAW = 0.8
+TARGET_ECHO_PY = 50.0
+TARGET_RETRIEVE_PY = 50.0
+TARGET_FANOUT_PY = 100.0
+TARGET_FANOUT_P99_US = 50_000.0
+TARGET_FANOUT_P99_SUBSCRIBERS = 10_000
+TARGET_IDLE_KIB = 16.0
+TARGET_IDLE_CONNECTIONS = 10_000
 
 
 def load(results: Path):
@@ -53,6 +73,8 @@ def fmt(v, digits=0):
         return "–"
     if isinstance(v, float) and math.isnan(v):
         return "–"
+    if isinstance(v, bool):
+        return str(v)
     if isinstance(v, (int, float)):
         if digits == 0:
             return f"{v:,.0f}"
@@ -60,10 +82,15 @@ def fmt(v, digits=0):
     return str(v)
 
 
-def ratio(a, b):
+def ratio_value(a, b):
     if a is None or b in (None, 0):
-        return "–"
-    return f"{a / b:.2f}×"
+        return None
+    return a / b
+
+
+def ratio(a, b):
+    r = ratio_value(a, b)
+    return "–" if r is None else f"{r:.2f}×"
 
 
 def get(row, key):
@@ -71,11 +98,40 @@ def get(row, key):
 
 
 def cell(row, key, digits=0):
+    """A plain figure; "?" when the field is missing (an older dcrf-bench)."""
     if row is None:
         return "–"
     if row.get("failed"):
         return "failed"
+    if key not in row:
+        return UNKNOWN
     return fmt(row.get(key), digits)
+
+
+def censored_bound(row):
+    """The latency (µs) from which this row's percentiles are lower bounds, or None when they
+    are all measurements. Rows from before `censored` existed: the old 60 s clamp."""
+    if not ok(row):
+        return None
+    if "censored" in row:
+        if row.get("censored"):
+            return row.get("censored_min_us") or 0.0
+        return None
+    return LEGACY_CAP_US * 0.999
+
+
+def is_censored(row, key):
+    v = get(row, key)
+    b = censored_bound(row)
+    return v is not None and b is not None and v >= b
+
+
+def lat(row, key, digits=1):
+    """A latency figure, shown as "≥ X" when it is only a lower bound."""
+    c = cell(row, key, digits)
+    if is_censored(row, key):
+        return f"≥ {c}"
+    return c
 
 
 def table(header, rows):
@@ -99,16 +155,267 @@ def fanout_key(tag):
     return (m.group(1), int(m.group(2))) if m else None
 
 
+def legacy_fields(row):
+    """The fields this row's (older) dcrf-bench did not write: unknown, not zero."""
+    if not ok(row):
+        return []
+    return [k for k in ("censored", "duplicates") if k not in row
+            and (k != "duplicates" or row.get("scenario") == "fanout")]
+
+
+def problems(row):
+    """What is wrong with a row's measurement, as short phrases (empty when nothing is). A
+    row from an older dcrf-bench only gets a phrase when one of its latencies reached that
+    generator's silent 60 s cap; the missing fields themselves are summed up once."""
+    if not ok(row):
+        return []
+    out = []
+    for key, what in (("errors", "errors"), ("lost", "lost"), ("unmatched", "unmatched"),
+                      ("duplicates", "duplicate pushes"), ("connection_errors",
+                                                           "connection errors")):
+        if row.get(key):
+            out.append(f"{fmt(row[key])} {what}")
+    if row.get("censored"):
+        out.append(f"{fmt(row['censored'])} censored latency samples (percentiles from "
+                   f"{fmt(row.get('censored_min_us'), 1)} µs up are lower bounds)")
+    if "censored" not in row:
+        capped = [k.replace("_us", "") for k in PERCENTILES if is_censored(row, k)]
+        if capped:
+            out.append(f"{', '.join(capped)} reached the older dcrf-bench's silent 60 s "
+                       "latency cap: they are lower bounds, not measurements")
+    return out
+
+
+def database_paragraph(meta):
+    """The database facts of the run, from meta.json only; and warnings about them."""
+    db = meta.get("database")
+    warnings = []
+    demo = meta.get("demo_database", "?")
+    if not db:
+        text = (f"**Database:** dcrf-demo used `--database {demo}`; the Python baseline's "
+                "database was not recorded by this (older) `bench/run.sh`.")
+        if ":memory:" in demo or "mode=memory" in demo:
+            warnings.append(
+                f"dcrf-demo ran on an in-memory SQLite database (`{demo}`) and the Python "
+                "baseline's database was not recorded: the database scenarios (`retrieve`, "
+                "`list`, `create`, `patch`, fan-out) do not compare like with like.")
+        return text, warnings
+    kind = db.get("kind", "?")
+    probe = db.get("probe") or {}
+    pd, pp = probe.get("dcrf") or {}, probe.get("python") or {}
+    rep = pp.get("reported") or {}
+    parts = []
+    if kind == "sqlite":
+        parts.append(
+            "**Database:** both servers use a SQLite file created fresh for every server "
+            f"start in a temporary directory (filesystem `{db.get('tmpdir_fs', '?')}`"
+            + ("; fsync costs nothing there" if db.get("tmpdir_fs") == "tmpfs" else "")
+            + ").")
+        d = [f"`--database {db.get('demo_url', demo)}`"]
+        if pd.get("journal_mode"):
+            d.append(f"journal mode {pd['journal_mode']} (read from the file)")
+        if db.get("demo_sqlite_source_id"):
+            d.append(f"bundled SQLite of {db['demo_sqlite_source_id'][:10]}")
+        parts.append("dcrf-demo: " + ", ".join(d) + ".")
+        p = [f"`{db.get('python_env', '')}`"]
+        if rep:
+            p.append(f"journal_mode={rep.get('journal_mode', '?')}, "
+                     f"synchronous={rep.get('synchronous', '?')}, "
+                     f"busy_timeout={rep.get('busy_timeout_ms', '?')} ms, SQLite "
+                     f"{rep.get('sqlite_version', '?')}"
+                     + (f" of {rep['sqlite_source_id'][:10]}" if rep.get("sqlite_source_id")
+                        else "")
+                     + " (read back by `manage.py dbinfo`)")
+        elif pp.get("journal_mode"):
+            p.append(f"journal mode {pp['journal_mode']} (read from the file)")
+        parts.append("Python: " + ", ".join(p) + ".")
+        spw = (pd.get("syncs_per_write"), pp.get("syncs_per_write"))
+        if any(v is not None for v in spw):
+            parts.append(
+                "fsync/fdatasync calls per committed write (strace, 1 s of `create` on one "
+                f"connection before the runs): dcrf-demo {fmt(spw[0], 2)} "
+                f"({fmt(pd.get('sync_calls'))} calls / {fmt(pd.get('writes'))} writes), "
+                f"Python {fmt(spw[1], 2)} ({fmt(pp.get('sync_calls'))} / "
+                f"{fmt(pp.get('writes'))}); with WAL, synchronous=FULL syncs at every commit "
+                "and NORMAL only at checkpoints.")
+            if None not in spw and (spw[0] >= 0.5) != (spw[1] >= 0.5):
+                warnings.append(
+                    f"the two servers do not sync alike (dcrf-demo {spw[0]:.2f} vs Python "
+                    f"{spw[1]:.2f} fsyncs per write): their SQLite synchronous levels differ.")
+        else:
+            parts.append("The sync behaviour was not probed (`DB_PROBE=0` or no strace).")
+        jm = {pd.get("journal_mode"), rep.get("journal_mode") or pp.get("journal_mode")}
+        jm.discard(None)
+        if len(jm) > 1:
+            warnings.append(f"the journal modes differ: {', '.join(sorted(jm))}.")
+    elif kind == "postgres":
+        pg = db.get("postgres") or {}
+        parts.append(
+            "**Database:** both servers use PostgreSQL "
+            f"{pg.get('server_version', rep.get('server_version', '?'))} on this machine "
+            "(synchronous_commit="
+            f"{pg.get('synchronous_commit', rep.get('synchronous_commit', '?'))}, fsync="
+            f"{pg.get('fsync', rep.get('fsync', '?'))}), each on its own database created "
+            f"fresh for every server start: dcrf-demo `--database {db.get('demo_url', demo)}`, "
+            f"Python `{db.get('python_env', '')}`.")
+    else:
+        parts.append(f"**Database:** {kind}; dcrf-demo `--database {demo}`.")
+    if db.get("demo_override"):
+        warnings.append(
+            f"dcrf-demo's database was overridden (`DEMO_DATABASE={db.get('demo_url')}`): the "
+            "two sides do not use the same kind of database.")
+    for name, pr in (("dcrf-demo", pd), ("Python", pp)):
+        if pr.get("error"):
+            warnings.append(f"the database probe of {name} failed: {pr['error']}")
+    return " ".join(parts), warnings
+
+
+def targets(groups, db_unequal=False):
+    """The targets table: each target with the measured figures and whether it is met.
+    `db_unequal`: the two sides did not use the same database (marks the database targets)."""
+    rows = []
+
+    def legacy(*rs):
+        return any(legacy_fields(r) for r in rs)
+
+    def status(met, clean=True, legacy=False, db=False):
+        if met is None:
+            return "not measured"
+        s = "met" if met else "not met"
+        if db and db_unequal:
+            return f"{s} (databases not alike, see warnings)"
+        if not clean:
+            return f"{s} (with warnings, see below)"
+        if legacy:
+            return f"{s} (older result file: censoring unknown)"
+        return s
+
+    def clean(*rs):
+        return all(ok(r) and not problems(r) for r in rs)
+
+    g = groups.get("echo") or {}
+    d, raw, py = g.get("dcrf"), g.get("raw"), g.get("python")
+    r = ratio_value(get(d, "msgs_per_s"), get(raw, "msgs_per_s"))
+    rows.append([
+        f"echo ≥ {TARGET_ECHO_RAW}× the raw WebSocket ceiling",
+        "–" if r is None else f"{r:.2f}× ({cell(d, 'msgs_per_s')} vs {cell(raw, 'msgs_per_s')} "
+                              "msg/s)",
+        status(None if r is None else r >= TARGET_ECHO_RAW, clean(d, raw), legacy(d, raw)),
+    ])
+    for tag, goal in (("echo", TARGET_ECHO_PY), ("retrieve", TARGET_RETRIEVE_PY)):
+        g = groups.get(tag) or {}
+        d, py = g.get("dcrf"), g.get("python")
+        r = ratio_value(get(d, "msgs_per_s"), get(py, "msgs_per_s"))
+        rows.append([
+            f"{tag} ≥ {goal:.0f}× Python DCRF",
+            "–" if r is None else f"{r:.1f}× ({cell(d, 'msgs_per_s')} vs {cell(py, 'msgs_per_s')} "
+                                  "msg/s)",
+            status(None if r is None else r >= goal, clean(d, py), legacy(d, py),
+                   db=tag != "echo"),
+        ])
+    fan = sorted((k, v) for k, v in ((fanout_key(t), g) for t, g in groups.items()) if k)
+    for (how, n), g in fan:
+        d, py = g.get("dcrf"), g.get("python")
+        a, b = get(d, "deliveries_per_s"), get(py, "deliveries_per_s")
+        if a is not None and b == 0 and a > 0:
+            measured = f"Python DCRF delivered nothing in the window ({fmt(a)} vs 0 deliveries/s)"
+            met = True
+        else:
+            r = ratio_value(a, b)
+            measured = "–" if r is None else f"{r:.1f}× ({fmt(a)} vs {fmt(b)} deliveries/s)"
+            met = None if r is None else r >= TARGET_FANOUT_PY
+        rows.append([
+            f"fan-out deliveries/s ≥ {TARGET_FANOUT_PY:.0f}× Python DCRF ({how}, {n:,} "
+            "subscribers)", measured, status(met, clean(d, py), legacy(d, py), db=True),
+        ])
+    for (how, n), g in fan:
+        if n != TARGET_FANOUT_P99_SUBSCRIBERS:
+            continue
+        d = g.get("dcrf")
+        p99 = get(d, "p99_us")
+        if p99 is None:
+            met = None
+        elif is_censored(d, "p99_us"):
+            # A lower bound: it can only show that the target is missed.
+            met = False if p99 > TARGET_FANOUT_P99_US else None
+        else:
+            met = p99 <= TARGET_FANOUT_P99_US
+        rows.append([
+            f"1 writer → {n:,} subscribers ({how}) on one node, p99 ≤ "
+            f"{TARGET_FANOUT_P99_US / 1000:.0f} ms",
+            "–" if p99 is None else f"p99 {lat(d, 'p99_us')} µs "
+                                    f"({cell(d, 'deliveries_per_s')} deliveries/s)",
+            status(met, clean(d), legacy(d)),
+        ])
+    g = groups.get("idle") or {}
+    d = g.get("dcrf")
+    kib = get(d, "rss_per_conn_kib")
+    n = get(d, "connections_open")
+    note = "" if n in (None, TARGET_IDLE_CONNECTIONS) else f", measured at {fmt(n)} connections"
+    rows.append([
+        f"idle connections ≤ {TARGET_IDLE_KIB:.0f} KiB RSS each at {TARGET_IDLE_CONNECTIONS:,}",
+        "–" if kib is None else f"{fmt(kib, 1)} KiB{note}",
+        status(None if kib is None or note else kib <= TARGET_IDLE_KIB, clean(d), legacy(d)),
+    ])
+    return table(["target", "measured (this run)", "status"], rows)
+
+
 def render(groups, meta, chart_rel):
     parts = []
     mode = meta.get("mode", "?")
+    commit = meta.get("commit", "?")
+    dirty = meta.get("dirty")
+    if dirty is None:
+        # Older run.sh: it appended this to the commit when tracked files were modified.
+        dirty = "+uncommitted" in str(commit)
+    if dirty:
+        files = meta.get("dirty_files") or []
+        parts.append(
+            "> **⚠ WARNING: these results were measured on a working tree with uncommitted "
+            f"changes on top of commit `{commit}`. They belong to no commit and cannot be "
+            "reproduced from the repository.**"
+            + (f" Changed files: {', '.join(f'`{f}`' for f in files[:20])}"
+               + (" …" if len(files) > 20 else "") + "." if files else "")
+        )
     parts.append(
         f"Generated by `bench/report.py` from `bench/results/` on {meta.get('date', '?')} "
-        f"(commit `{meta.get('commit', '?')}`), **{mode} mode**: "
+        f"(commit `{commit}`), **{mode} mode**: "
         f"{fmt(meta.get('duration_s'), 1)} s measured after {fmt(meta.get('warmup_s'), 1)} s "
         f"warm-up per run."
         + (" Quick runs are for checking the plumbing, not for quoting." if mode == "quick" else "")
     )
+
+    # Every row with something to warn about, and the warnings about the run itself.
+    row_warnings = []
+    for tag, g in sorted(groups.items(), key=lambda kv: tag_order(kv[0])):
+        for srv in SERVERS + sorted(set(g) - set(SERVERS)):
+            r = g.get(srv)
+            if r is None:
+                continue
+            name = SERVER_NAMES.get(srv, srv)
+            if r.get("failed"):
+                err = r.get("error", "").splitlines()
+                row_warnings.append(f"- ⚠ `{tag}` on {name} failed: {err[-1] if err else '?'}")
+                continue
+            found = problems(r)
+            if found:
+                row_warnings.append(f"- ⚠ `{tag}` on {name}: {'; '.join(found)}.")
+    legacy_rows = [f"`{tag}` on {SERVER_NAMES.get(srv, srv)}"
+                   for tag, g in sorted(groups.items(), key=lambda kv: tag_order(kv[0]))
+                   for srv, r in g.items() if legacy_fields(r)]
+    if legacy_rows:
+        row_warnings.insert(0, (
+            f"- ⚠ {len(legacy_rows)} result row(s) come from an older dcrf-bench that reported "
+            "neither censored latencies nor (fan-out) duplicate pushes: those are unknown (`?`), "
+            "not zero, and its fan-out `delivered` counted duplicates as deliveries"
+            + (f" ({', '.join(legacy_rows)})" if len(legacy_rows) <= 6 else "") + "."))
+    db_text, db_warnings = database_paragraph(meta)
+    if row_warnings or db_warnings:
+        parts.append(
+            f"> **⚠ {len(row_warnings) + len(db_warnings)} warning(s) about these results:** "
+            "runs with errors, lost or unmatched replies, duplicate pushes, censored latencies "
+            "or unequal databases. See [Warnings](#warnings) before quoting a figure.")
+
     parts.append(
         "**Machine:** "
         f"{meta.get('nproc', '?')} CPUs ({meta.get('cpu_model', '?')}), "
@@ -117,12 +424,26 @@ def render(groups, meta, chart_rel):
         f"{meta.get('loadavg', '?')} when the run started. "
         f"Every server runs pinned to CPU {meta.get('server_cpu', 0)} (`taskset -c "
         f"{meta.get('server_cpu', 0)}`), the load generator to CPU {meta.get('client_cpu', 1)}; "
-        f"each server is restarted for every run with {meta.get('rows', 1000)} seeded todos. "
-        f"dcrf-demo uses `--database {meta.get('demo_database', 'sqlite::memory:')}`; the Python "
-        "baseline uses a SQLite file (WAL, `synchronous=NORMAL`), the in-memory channel layer "
-        "and uvicorn with uvloop, httptools and the sans-I/O `websockets` implementation, one "
-        "worker."
+        f"each server is restarted for every run with {meta.get('rows', '?')} seeded todos. "
+        "The Python baseline uses the in-memory channel layer and uvicorn with uvloop, "
+        "httptools and the sans-I/O `websockets` implementation, one worker. "
+        + db_text
     )
+    parts.append(
+        "Latencies shown as `≥ X` are censored: some requests (fan-out: write × subscriber "
+        "pairs) were still unanswered when the generator stopped waiting and are counted at the "
+        "time they had waited, so the true value is at least X. `lost`, `unmatched`, `dup` "
+        "(duplicate pushes) and `censored` are counts; `?` means the result file predates the "
+        "field (unknown, not zero)."
+    )
+
+    # Targets.
+    parts.append("### Targets")
+    parts.append(
+        "The project's targets, computed from the tables below (ratios of one run on this "
+        "machine). \"with warnings\" means a figure comes from a run listed under Warnings."
+    )
+    parts.append(targets(groups, db_unequal=bool(db_warnings)))
 
     # Request/reply throughput.
     rows = []
@@ -151,22 +472,23 @@ def render(groups, meta, chart_rel):
             ["scenario", "connections × window", "raw echo", "dcrf-demo", "Python DCRF",
              "dcrf/python", "dcrf/raw"], rows))
 
-        lat = []
+        lat_rows = []
         for s in REQUEST_SCENARIOS:
             g = groups.get(s) or {}
             for srv in SERVERS:
                 r = g.get(srv)
                 if r is None:
                     continue
-                lat.append([
-                    f"`{s}`", SERVER_NAMES[srv], cell(r, "p50_us", 1), cell(r, "p90_us", 1),
-                    cell(r, "p99_us", 1), cell(r, "p999_us", 1), cell(r, "errors"),
+                lat_rows.append([
+                    f"`{s}`", SERVER_NAMES[srv], lat(r, "p50_us"), lat(r, "p90_us"),
+                    lat(r, "p99_us"), lat(r, "p999_us"), cell(r, "errors"), cell(r, "lost"),
+                    cell(r, "unmatched"), cell(r, "censored"),
                     cell(r, "server_cpu_pct"), cell(r, "client_cpu_pct"),
                 ])
         parts.append("### Latency (µs, lower is better)")
         parts.append(table(
-            ["scenario", "server", "p50", "p90", "p99", "p99.9", "errors", "server CPU %",
-             "client CPU %"], lat))
+            ["scenario", "server", "p50", "p90", "p99", "p99.9", "errors", "lost", "unmatched",
+             "censored", "server CPU %", "client CPU %"], lat_rows))
 
     # Fan-out.
     fan = sorted((k, v) for k, v in ((fanout_key(t), g) for t, g in groups.items()) if k)
@@ -183,8 +505,9 @@ def render(groups, meta, chart_rel):
                 )
                 rows.append([
                     f"{n:,}", how, SERVER_NAMES[srv], cell(r, "msgs_per_s", 1),
-                    cell(r, "deliveries_per_s"), cell(r, "p50_us", 1), cell(r, "p99_us", 1),
-                    delivered, cell(r, "errors"),
+                    cell(r, "deliveries_per_s"), lat(r, "p50_us"), lat(r, "p99_us"),
+                    delivered, cell(r, "lost"), cell(r, "duplicates"), cell(r, "unmatched"),
+                    cell(r, "censored"), cell(r, "errors"),
                     ratio(get(dcrf, "deliveries_per_s"), get(py, "deliveries_per_s"))
                     if srv == "dcrf" else "",
                 ])
@@ -193,12 +516,16 @@ def render(groups, meta, chart_rel):
             "Each subscriber subscribes (`instance`: `subscribe_instance` to row 1; `all`: "
             "`subscribe_to_all`), then one writer patches row 1, waiting until every "
             "subscriber has the push before the next write. Latency is from the write being "
-            "sent to the push arriving at each subscriber. `delivered` counts pushes for "
-            "writes made in the measured window against writes × subscribers."
+            "sent to the push arriving at each subscriber. `delivered` counts distinct "
+            "(write, subscriber) pairs for successful writes made in the measured window "
+            "against writes × subscribers; `lost` is the difference (each lost pair is a "
+            "censored latency sample); `dup` counts pushes a subscriber received again for a "
+            "write it already had (older result files counted those as deliveries)."
         )
         parts.append(table(
             ["subscribers", "subscribe", "server", "writes/s", "deliveries/s", "p50 µs",
-             "p99 µs", "delivered", "errors", "dcrf/python"], rows))
+             "p99 µs", "delivered", "lost", "dup", "unmatched", "censored", "errors",
+             "dcrf/python"], rows))
 
     # Idle.
     g = groups.get("idle")
@@ -213,40 +540,37 @@ def render(groups, meta, chart_rel):
                 SERVER_NAMES[srv], cell(r, "connections_open"),
                 fmt(before / 1024, 1) if before is not None else "–",
                 fmt(after / 1024, 1) if after is not None else "–",
-                cell(r, "rss_per_conn_kib", 1), cell(r, "p50_us", 1), cell(r, "p99_us", 1),
-                cell(r, "connects_per_s"), cell(r, "errors"),
+                cell(r, "rss_per_conn_kib", 1), lat(r, "p50_us"), lat(r, "p99_us"),
+                cell(r, "connects_per_s"), cell(r, "errors"), cell(r, "censored"),
             ])
         d, p, raw = g.get("dcrf"), g.get("python"), g.get("raw")
         parts.append("### Idle connections: server memory")
         parts.append(
             "Resident memory (VmRSS) of the server before opening the connections and with "
-            "all of them open; latency here is the WebSocket handshake while connecting."
+            "all of them open; latency here is the WebSocket handshake while connecting (a "
+            "handshake that timed out is censored at the timeout)."
             f" Memory per connection, dcrf/python: "
             f"{ratio(get(d, 'rss_per_conn_kib'), get(p, 'rss_per_conn_kib'))}; dcrf/raw: "
             f"{ratio(get(d, 'rss_per_conn_kib'), get(raw, 'rss_per_conn_kib'))} (lower is better)."
-            + (" Python's connection rate falls as connections accumulate: channels' "
-               "`InMemoryChannelLayer` scans every channel on each `receive` "
-               "(`_clean_expired`), so each new consumer costs time proportional to the "
-               "consumers already connected." if p else "")
         )
         parts.append(table(
             ["server", "connections", "RSS before MiB", "RSS after MiB", "KiB per connection",
-             "handshake p50 µs", "handshake p99 µs", "connects/s", "errors"], rows))
+             "handshake p50 µs", "handshake p99 µs", "connects/s", "errors", "censored"], rows))
 
-    warnings = []
-    for tag, g in sorted(groups.items()):
+    warnings = [f"- ⚠ {w}" for w in db_warnings] + row_warnings
+    for tag, g in sorted(groups.items(), key=lambda kv: tag_order(kv[0])):
         for srv, r in g.items():
-            if r.get("failed"):
-                warnings.append(f"- `{tag}` on {SERVER_NAMES.get(srv, srv)} failed: "
-                                f"{r.get('error', '').splitlines()[-1] if r.get('error') else '?'}")
-            elif r.get("client_saturated"):
-                warnings.append(f"- `{tag}` on {SERVER_NAMES.get(srv, srv)}: the load generator "
+            if not ok(r):
+                continue
+            name = SERVER_NAMES.get(srv, srv)
+            if r.get("client_saturated"):
+                warnings.append(f"- `{tag}` on {name}: the load generator "
                                 f"used {fmt(r.get('client_cpu_pct'))} % CPU; the result may be "
                                 "limited by the client, not the server.")
             elif (tag in REQUEST_SCENARIOS and r.get("server_cpu_pct") is not None
                   and r["server_cpu_pct"] < 80):
                 warnings.append(
-                    f"- `{tag}` on {SERVER_NAMES.get(srv, srv)}: neither the server "
+                    f"- `{tag}` on {name}: neither the server "
                     f"({fmt(r['server_cpu_pct'])} % CPU) nor the load generator "
                     f"({fmt(r.get('client_cpu_pct'))} %) was saturated; something else "
                     "limited the run (another process on the CPUs, or too little load).")
@@ -267,7 +591,15 @@ def render(groups, meta, chart_rel):
     bin_dir = "target/debug" if meta.get("profile") == "dev" else \
         f"target/{meta.get('profile', 'release')}"
     cpu = meta.get("server_cpu", 0)
+    db = meta.get("database") or {}
+    py_env = f"{db['python_env']} " if db.get("python_env") else ""
     parts.append(
+        f"`bench/run.sh` (mode {mode}). Each server was started for each run pinned to its CPU "
+        f"(`taskset -c {cpu} {bin_dir}/dcrf-bench raw-echo --bind ...`, `taskset -c {cpu} "
+        f"{bin_dir}/dcrf-demo --bind ... --database {meta.get('demo_database', '...')} --seed N`, "
+        f"`{py_env}taskset -c {cpu} bench/python/run.sh --bind ... --seed N`), on a fresh "
+        "database each time where the run recorded one, then the load generator ran:"
+        if db else
         f"`bench/run.sh` (mode {mode}). Each server was started for each run pinned to its CPU "
         f"(`taskset -c {cpu} {bin_dir}/dcrf-bench raw-echo --bind ...`, `taskset -c {cpu} "
         f"{bin_dir}/dcrf-demo --bind ... --database ... --seed N`, `taskset -c {cpu} "
@@ -296,7 +628,7 @@ def chart(groups, out: Path):
     req = [s for s in REQUEST_SCENARIOS if s in groups]
     if req:
         panels.append(("Requests/s (log)", req, "msgs_per_s", True))
-        panels.append(("p99 latency µs (log)", req, "p99_us", True))
+        panels.append(("p99 latency µs (log; ≥: censored, a lower bound)", req, "p99_us", True))
     fan = sorted((k, t) for k, t in ((fanout_key(t), t) for t in groups) if k)
     if fan:
         panels.append(("Fan-out deliveries/s (log)", [t for _, t in fan], "deliveries_per_s", True))
@@ -314,17 +646,19 @@ def chart(groups, out: Path):
         ]
         width = 0.8 / max(len(present), 1)
         for i, srv in enumerate(present):
-            xs, ys = [], []
+            xs, ys, labels = [], [], []
             for j, tag in enumerate(tags):
                 r = groups[tag].get(srv)
                 v = get(r, key) if r else None
                 if v:
                     xs.append(j + (i - (len(present) - 1) / 2) * width)
                     ys.append(v)
+                    label = fmt(v) if v >= 10 else fmt(v, 1)
+                    labels.append(f"≥{label}" if key.endswith("_us") and is_censored(r, key)
+                                  else label)
             if xs:
                 bars = ax.bar(xs, ys, width, label=SERVER_NAMES[srv], color=colors[srv])
-                ax.bar_label(bars, labels=[fmt(y) if y >= 10 else fmt(y, 1) for y in ys],
-                             fontsize=7, padding=1)
+                ax.bar_label(bars, labels=labels, fontsize=7, padding=1)
         ax.set_xticks(range(len(tags)))
         ax.set_xticklabels([t.replace("fanout-", "") for t in tags], fontsize=8)
         ax.set_title(title, fontsize=10)
@@ -367,6 +701,9 @@ def main():
     if drawn:
         chart_rel = os.path.relpath(chart_path.resolve(), args.output.resolve().parent)
     write_section(args.output, render(groups, meta, chart_rel))
+    if meta.get("dirty") or "+uncommitted" in str(meta.get("commit", "")):
+        print(f"warning: the results in {args.results} were measured on a working tree with "
+              "uncommitted changes; the report says so at the top", file=sys.stderr)
     print(f"wrote {args.output}" + (f" and {chart_path}" if drawn else ""))
 
 

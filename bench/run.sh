@@ -4,9 +4,13 @@
 # flags for every server. Results go to bench/results/*.jsonl; bench/report.py then writes
 # the tables into BENCHMARKS.md and draws bench/results/chart.png.
 #
-#   bench/run.sh                         # everything, 10 s per run
+#   bench/run.sh                         # everything, 10 s per run, SQLite files on both sides
+#   BENCH_DATABASE=postgres bench/run.sh # the same on PostgreSQL (BENCH_PG_URL) on both sides
 #   QUICK=1 bench/run.sh                 # 2 s per run
 #   QUICK=1 SCENARIOS="echo idle" bench/run.sh
+#
+# It refuses to run on a working tree that differs from HEAD (ALLOW_DIRTY=1 overrides, and the
+# report then says so), so that every figure belongs to the commit the report names.
 #
 # Scenarios (SCENARIOS, space-separated): echo retrieve list create patch fanout idle.
 # Servers (SERVERS): raw dcrf python (raw only runs echo and idle).
@@ -27,7 +31,30 @@
 #   IDLE_TIMEOUT [60]              seconds one handshake may take while 10,000 connect
 #   SERVER_CPU [0], CLIENT_CPU [1] CPUs for taskset
 #   PORT [18400]                   raw uses PORT, dcrf PORT+1, python PORT+2
-#   DEMO_DATABASE [sqlite::memory:]  dcrf-demo --database
+#   BENCH_DATABASE [sqlite]        the database of both dcrf-demo and Python, created fresh for
+#                                  every server start:
+#                                    sqlite: a SQLite file in a temporary directory (WAL, see
+#                                      SQLITE_SYNCHRONOUS), removed at exit;
+#                                    postgres: a database (dcrf_bench_dcrf, dcrf_bench_python)
+#                                      dropped and created again on BENCH_PG_URL
+#   BENCH_TMPDIR [$TMPDIR or /tmp] where that temporary directory is made (its filesystem is
+#                                  in the report: on tmpfs an fsync costs nothing)
+#   SQLITE_SYNCHRONOUS [FULL]      Python's PRAGMA synchronous. It must be what dcrf-demo runs
+#                                  with, and dcrf-demo cannot be told: dcrf's Db::connect sets
+#                                  journal_mode=WAL and busy_timeout=5000 only, and sqlx 0.9
+#                                  leaves synchronous at the bundled SQLite's compiled default,
+#                                  FULL. The database probe checks that both sides sync alike.
+#   BENCH_PG_URL [postgres://postgres@127.0.0.1:5432]  PostgreSQL server for BENCH_DATABASE=
+#                                  postgres (no database name; its user may create databases)
+#   DEMO_DATABASE                  overrides dcrf-demo's --database (e.g. sqlite::memory:); the
+#                                  report then says the two sides do not use the same database
+#   DB_PROBE [1]                   before the runs, start each server on its fresh database,
+#                                  send creates for 1 s and count its fsync/fdatasync calls per
+#                                  committed write under strace (skipped without strace), and
+#                                  read the journal mode from the SQLite file; 0 skips it
+#   ALLOW_DIRTY [0]                run although files of the repository differ from HEAD (other
+#                                  than RESULTS and REPORT); the report then warns loudly that
+#                                  its numbers belong to no commit
 #   NO_BUILD=1                     skip the build
 #   PROFILE [release]              cargo profile of the binaries (debug: only to try the script)
 #   RESULTS [bench/results]
@@ -62,9 +89,20 @@ IDLE_TIMEOUT="${IDLE_TIMEOUT:-60}"
 SERVER_CPU="${SERVER_CPU:-0}"
 CLIENT_CPU="${CLIENT_CPU:-1}"
 PORT="${PORT:-18400}"
-DEMO_DATABASE="${DEMO_DATABASE:-sqlite::memory:}"
+BENCH_DATABASE="${BENCH_DATABASE:-sqlite}"
+BENCH_TMPDIR="${BENCH_TMPDIR:-${TMPDIR:-/tmp}}"
+SQLITE_SYNCHRONOUS="${SQLITE_SYNCHRONOUS:-FULL}"
+BENCH_PG_URL="${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432}"
+BENCH_PG_URL="${BENCH_PG_URL%/}"
+DEMO_DATABASE="${DEMO_DATABASE:-}"
+DB_PROBE="${DB_PROBE:-1}"
+ALLOW_DIRTY="${ALLOW_DIRTY:-0}"
 RESULTS="${RESULTS:-bench/results}"
 REPORT="${REPORT:-BENCHMARKS.md}"
+case "$BENCH_DATABASE" in
+  sqlite|postgres) ;;
+  *) echo "BENCH_DATABASE must be sqlite or postgres, not $BENCH_DATABASE" >&2; exit 2 ;;
+esac
 
 PROFILE="${PROFILE:-release}"
 case "$PROFILE" in
@@ -76,6 +114,22 @@ DEMO="$BIN/dcrf-demo"
 PY=bench/python/.venv/bin/python
 
 log() { echo "[bench] $*" >&2; }
+
+# The numbers must belong to a commit: refuse to run on a tree that differs from HEAD (the
+# results and the report excepted), unless ALLOW_DIRTY=1, in which case the report says so.
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+commit_full="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+dirty_files="$(GIT_OPTIONAL_LOCKS=0 git status --porcelain 2>/dev/null \
+  | awk -v r="${RESULTS%/}/" -v o="$REPORT" '{ p = substr($0, 4) } index(p, r) != 1 && p != o { print p }')"
+if [ -n "$dirty_files" ]; then
+  if [ "$ALLOW_DIRTY" != 1 ]; then
+    log "error: the working tree differs from HEAD ($commit); commit first, or set ALLOW_DIRTY=1"
+    log "(the report will then warn that its numbers belong to no commit):"
+    printf '  %s\n' $dirty_files | head -n 20 >&2
+    exit 3
+  fi
+  log "warning: the working tree differs from HEAD ($commit); the report will say so"
+fi
 
 # 10,000 connections need more file descriptors than the usual 1024.
 if ! ulimit -n 65536 2>/dev/null; then
@@ -97,42 +151,72 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
   fi
 fi
 log "setting up the Python baseline"
-bench/python/setup.sh --seed "$ROWS"
+# setup.sh's own check database goes to a throw-away file, not into the repository.
+setup_db="$(mktemp -d "$BENCH_TMPDIR/dcrf-bench-setup.XXXXXX")"
+env -u DATABASE_URL DCRF_BENCH_PY_DB="$setup_db/setup.sqlite3" bench/python/setup.sh --seed "$ROWS"
+rm -rf "$setup_db"
 
 mkdir -p "$RESULTS"
 LOGS="$RESULTS/logs"
 mkdir -p "$LOGS"
 
-# Machine and toolchain facts for the report.
-commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if [ -n "$(GIT_OPTIONAL_LOCKS=0 git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
-  commit="$commit+uncommitted changes"
-fi
-cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-"$PY" - "$RESULTS/meta.json" <<EOF
-import json, sys
-json.dump({
-    "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)",
-    "mode": "$MODE",
-    "duration_s": float("$DURATION"),
-    "warmup_s": float("$WARMUP"),
-    "nproc": int("$(nproc)"),
-    "cpu_model": """$cpu_model""",
-    "kernel": "$(uname -r)",
-    "memory": "$(free -h | awk '/^Mem:/ {print $2}')",
-    "loadavg": "$(cut -d' ' -f1-3 /proc/loadavg)",
-    "rustc": "$(rustc --version 2>/dev/null || echo unknown)",
-    "python": "$("$PY" --version 2>&1)",
-    "commit": "$commit",
-    "server_cpu": "$SERVER_CPU",
-    "client_cpu": "$CLIENT_CPU",
-    "rows": int("$ROWS"),
-    "demo_database": "$DEMO_DATABASE",
-    "profile": "$PROFILE",
-    "scenarios": "$SCENARIOS",
-    "invocation": "$( [ "$MODE" = quick ] && printf 'QUICK=1 ')SCENARIOS=\"$SCENARIOS\" bench/run.sh",
-}, open(sys.argv[1], "w"), indent=2)
+# Machine and toolchain facts for the report (meta.json is written after the database probe).
+started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+loadavg="$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# Every server start gets a fresh database: SQLite files in this directory, or PostgreSQL
+# databases dropped and created again.
+DBDIR="$(mktemp -d "$BENCH_TMPDIR/dcrf-bench.XXXXXX")"
+DB_FS="$(stat -f -c %T "$DBDIR" 2>/dev/null || echo unknown)"
+DEMO_DB_URL=""
+PY_DB_ENV=()
+
+# pg_recreate NAME: drops database NAME on BENCH_PG_URL and creates it again (psycopg, from
+# the Python baseline's virtualenv).
+pg_recreate() {
+  "$PY" - "$BENCH_PG_URL/postgres" "$1" <<'EOF'
+import sys
+import psycopg
+from psycopg import sql
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    name = sql.Identifier(sys.argv[2])
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+    conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
 EOF
+}
+
+# fresh_db SERVER: a new, empty database for SERVER's next start; sets DEMO_DB_URL (dcrf) or
+# PY_DB_ENV (python).
+fresh_db() {
+  case "$1:$BENCH_DATABASE" in
+    dcrf:sqlite)
+      rm -f "$DBDIR/dcrf.sqlite3" "$DBDIR/dcrf.sqlite3-wal" "$DBDIR/dcrf.sqlite3-shm"
+      DEMO_DB_URL="sqlite://$DBDIR/dcrf.sqlite3?mode=rwc"
+      ;;
+    dcrf:postgres)
+      pg_recreate dcrf_bench_dcrf
+      DEMO_DB_URL="$BENCH_PG_URL/dcrf_bench_dcrf"
+      ;;
+    python:sqlite)
+      rm -f "$DBDIR/python.sqlite3" "$DBDIR/python.sqlite3-wal" "$DBDIR/python.sqlite3-shm"
+      PY_DB_ENV=(DCRF_BENCH_PY_DB="$DBDIR/python.sqlite3"
+        DCRF_BENCH_SQLITE_SYNCHRONOUS="$SQLITE_SYNCHRONOUS")
+      ;;
+    python:postgres)
+      pg_recreate dcrf_bench_python
+      PY_DB_ENV=(DATABASE_URL="$BENCH_PG_URL/dcrf_bench_python")
+      ;;
+  esac
+  if [ "$1" = dcrf ] && [ -n "$DEMO_DATABASE" ]; then
+    DEMO_DB_URL="$DEMO_DATABASE"
+  fi
+}
+
+# sanitize TEXT: the temporary directory and any password out of a URL or command.
+sanitize() {
+  local t="${1//"$DBDIR"/\$TMPDIR}"
+  printf '%s' "$t" | sed -E 's#(://[^:/@]+):[^@/]*@#\1:***@#'
+}
 
 SERVER_PID=""
 SERVER_URL=""
@@ -162,13 +246,16 @@ start_server() {
       ;;
     dcrf)
       port=$((PORT + 1))
+      fresh_db dcrf
       RUST_LOG=warn taskset -c "$SERVER_CPU" "$DEMO" --bind "127.0.0.1:$port" \
-        --database "$DEMO_DATABASE" --seed "$ROWS" >"$logfile" 2>&1 &
+        --database "$DEMO_DB_URL" --seed "$ROWS" >"$logfile" 2>&1 &
       ;;
     python)
       port=$((PORT + 2))
-      taskset -c "$SERVER_CPU" bench/python/run.sh --bind "127.0.0.1:$port" --seed "$ROWS" \
-        >"$logfile" 2>&1 &
+      fresh_db python
+      # -u: a DATABASE_URL exported for the test suite must not redirect a SQLite run.
+      env -u DATABASE_URL "${PY_DB_ENV[@]}" taskset -c "$SERVER_CPU" bench/python/run.sh \
+        --bind "127.0.0.1:$port" --seed "$ROWS" >"$logfile" 2>&1 &
       ;;
     *) log "unknown server $name"; return 1 ;;
   esac
@@ -189,7 +276,102 @@ stop_server() {
     SERVER_PID=""
   fi
 }
-trap stop_server EXIT
+cleanup() {
+  stop_server
+  rm -rf "$DBDIR"
+  if [ "$BENCH_DATABASE" = postgres ]; then
+    "$PY" - "$BENCH_PG_URL/postgres" <<'EOF' 2>/dev/null || true
+import sys
+import psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    for name in ("dcrf_bench_dcrf", "dcrf_bench_python"):
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+EOF
+  fi
+}
+trap cleanup EXIT
+
+# probe_db SERVER: starts SERVER on a fresh database, sends creates for one second (under
+# strace, when available, counting fsync and fdatasync calls), stops it, and prints one JSON
+# object: the writes, the sync calls, the SQLite file's journal mode (from its header), and
+# for python the settings its connection reports (manage.py dbinfo).
+probe_db() {
+  local server=$1
+  local path="$DBDIR/probe-$server" trace="" spid="" dbinfo="{}" i
+  mkdir -p "$path"
+  if ! start_server "$server" probe; then
+    echo '{"error": "server did not start"}'
+    return 0
+  fi
+  if [ "$server" = python ]; then
+    dbinfo="$(cd bench/python && env -u DATABASE_URL "${PY_DB_ENV[@]}" .venv/bin/python \
+      manage.py dbinfo 2>/dev/null \
+      || echo '{}')"
+  fi
+  if [ "$BENCH_DATABASE" = sqlite ] && command -v strace >/dev/null; then
+    trace="$path/strace.txt"
+    taskset -c "$CLIENT_CPU" strace -f -qq -c -e trace=fsync,fdatasync -o "$trace" \
+      -p "$SERVER_PID" 2>"$path/strace.err" &
+    spid=$!
+    # Attached once the server's TracerPid is set.
+    for i in $(seq 1 50); do
+      if [ "$(awk '/^TracerPid:/ {print $2}' "/proc/$SERVER_PID/status" 2>/dev/null)" != 0 ]; then
+        break
+      fi
+      sleep 0.1
+    done
+    if [ "$(awk '/^TracerPid:/ {print $2}' "/proc/$SERVER_PID/status" 2>/dev/null)" = 0 ]; then
+      log "warning: strace could not attach to $server: $(head -n1 "$path/strace.err")"
+      kill "$spid" 2>/dev/null || true
+      wait "$spid" 2>/dev/null || true
+      spid=""
+      trace=""
+    fi
+  fi
+  taskset -c "$CLIENT_CPU" "$BENCH" create --url "$SERVER_URL/ws/todos/" --connections 1 \
+    --duration 1 --warmup 0 --rows "$ROWS" --json >"$path/bench.json" 2>"$path/bench.err" || true
+  # strace writes its summary when the server exits.
+  stop_server
+  if [ -n "$spid" ]; then
+    wait "$spid" 2>/dev/null || true
+  fi
+  local file=""
+  [ "$BENCH_DATABASE" = sqlite ] && file="$DBDIR/$server.sqlite3"
+  [ "$server" = dcrf ] && [ -n "$DEMO_DATABASE" ] && file=""
+  "$PY" - "$path/bench.json" "$trace" "$file" "$dbinfo" <<'EOF'
+import json, sys
+bench, trace, file, dbinfo = sys.argv[1:5]
+out = {}
+try:
+    row = json.loads(open(bench).read().splitlines()[-1])
+    out["writes"] = row.get("received")
+    out["write_errors"] = row.get("errors")
+except Exception as e:
+    out["error"] = f"no create results: {e}"
+if trace:
+    calls = 0
+    for line in open(trace):
+        t = line.split()
+        if t and t[-1] in ("fsync", "fdatasync"):
+            calls += int(t[3])
+    out["sync_calls"] = calls
+    if out.get("writes"):
+        out["syncs_per_write"] = round(calls / out["writes"], 2)
+if file:
+    try:
+        header = open(file, "rb").read(20)
+        out["journal_mode"] = {1: "delete/truncate/persist", 2: "wal"}.get(header[18], "?")
+    except (OSError, IndexError) as e:
+        out["journal_mode"] = f"unknown ({e})"
+try:
+    info = json.loads(dbinfo)
+    if info:
+        out["reported"] = info
+except ValueError:
+    pass
+print(json.dumps(out))
+EOF
+}
 
 # bench_one TAG SERVER SCENARIO PATH [FLAGS...]: one run; appends its JSON line (with the
 # server's name and the exact command) to RESULTS/TAG.jsonl.
@@ -249,6 +431,104 @@ run_group() {
     case " $SERVERS " in *" $s "*) bench_one "$tag" "$s" "$scenario" "$path" "$@" ;; esac
   done
 }
+
+# The database settings of both sides, checked rather than assumed.
+probe_dcrf="null"
+probe_python="null"
+pg_info="null"
+if [ "$DB_PROBE" = 1 ]; then
+  case " $SERVERS " in *" dcrf "*)
+    log "database probe: dcrf"
+    probe_dcrf="$(probe_db dcrf)" ;;
+  esac
+  case " $SERVERS " in *" python "*)
+    log "database probe: python"
+    probe_python="$(probe_db python)" ;;
+  esac
+  log "database probe: dcrf $probe_dcrf; python $probe_python"
+fi
+if [ "$BENCH_DATABASE" = postgres ]; then
+  pg_info="$("$PY" - "$BENCH_PG_URL/postgres" <<'EOF' || echo null
+import json, sys
+import psycopg
+with psycopg.connect(sys.argv[1]) as conn:
+    show = lambda k: conn.execute(f"SHOW {k}").fetchone()[0]
+    print(json.dumps({k: show(k) for k in ("server_version", "synchronous_commit", "fsync")}))
+EOF
+)"
+fi
+# dcrf-demo's SQLite is compiled in (libsqlite3-sys, bundled): its source id is in the binary.
+demo_sqlite_id=""
+if [ "$BENCH_DATABASE" = sqlite ]; then
+  demo_sqlite_id="$(grep -a -o -m1 -E '20[0-9]{2}-[0-9]{2}-[0-9]{2} [0-9:]{8} [0-9a-f]{64}' "$DEMO" \
+    2>/dev/null | head -n1 || true)"
+fi
+fresh_db dcrf
+fresh_db python
+meta_demo_url="$(sanitize "$DEMO_DB_URL")"
+meta_py_env="$(sanitize "${PY_DB_ENV[*]}")"
+cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+invocation="SCENARIOS=\"$SCENARIOS\" bench/run.sh"
+[ "$BENCH_DATABASE" != sqlite ] && invocation="BENCH_DATABASE=$BENCH_DATABASE $invocation"
+[ "$MODE" = quick ] && invocation="QUICK=1 $invocation"
+[ "$ALLOW_DIRTY" = 1 ] && [ -n "$dirty_files" ] && invocation="ALLOW_DIRTY=1 $invocation"
+M_DATE="$started" M_MODE="$MODE" M_DURATION="$DURATION" M_WARMUP="$WARMUP" M_NPROC="$(nproc)" \
+M_CPU="$cpu_model" M_KERNEL="$(uname -r)" M_MEMORY="$(free -h | awk '/^Mem:/ {print $2}')" \
+M_LOADAVG="$loadavg" M_RUSTC="$(rustc --version 2>/dev/null || echo unknown)" \
+M_PYTHON="$("$PY" --version 2>&1)" M_COMMIT="$commit" M_COMMIT_FULL="$commit_full" \
+M_DIRTY="$dirty_files" M_SERVER_CPU="$SERVER_CPU" M_CLIENT_CPU="$CLIENT_CPU" M_ROWS="$ROWS" \
+M_PROFILE="$PROFILE" M_SCENARIOS="$SCENARIOS" M_INVOCATION="$invocation" \
+M_DB_KIND="$BENCH_DATABASE" M_DB_DEMO_URL="$meta_demo_url" M_DB_DEMO_OVERRIDE="$DEMO_DATABASE" \
+M_DB_PY_ENV="$meta_py_env" M_DB_FS="$DB_FS" M_DB_SYNC="$SQLITE_SYNCHRONOUS" \
+M_PROBE_DCRF="$probe_dcrf" M_PROBE_PYTHON="$probe_python" M_PG="$pg_info" \
+M_DEMO_SQLITE_ID="$demo_sqlite_id" \
+"$PY" - "$RESULTS/meta.json" <<'EOF'
+import json, os, sys
+e = os.environ.get
+def js(k):
+    try:
+        return json.loads(e(k) or "null")
+    except ValueError:
+        return {"error": f"unreadable: {e(k)[:200]}"}
+dirty = [f for f in (e("M_DIRTY") or "").splitlines() if f.strip()]
+json.dump({
+    "date": e("M_DATE"),
+    "mode": e("M_MODE"),
+    "duration_s": float(e("M_DURATION")),
+    "warmup_s": float(e("M_WARMUP")),
+    "nproc": int(e("M_NPROC")),
+    "cpu_model": e("M_CPU"),
+    "kernel": e("M_KERNEL"),
+    "memory": e("M_MEMORY"),
+    "loadavg": e("M_LOADAVG"),
+    "rustc": e("M_RUSTC"),
+    "python": e("M_PYTHON"),
+    "commit": e("M_COMMIT"),
+    "commit_full": e("M_COMMIT_FULL"),
+    "dirty": bool(dirty),
+    "dirty_files": dirty[:50],
+    "server_cpu": e("M_SERVER_CPU"),
+    "client_cpu": e("M_CLIENT_CPU"),
+    "rows": int(e("M_ROWS")),
+    "demo_database": e("M_DB_DEMO_URL"),
+    "database": {
+        "kind": e("M_DB_KIND"),
+        "same_on_both_sides": not e("M_DB_DEMO_OVERRIDE"),
+        "fresh_per_start": True,
+        "demo_url": e("M_DB_DEMO_URL"),
+        "demo_override": bool(e("M_DB_DEMO_OVERRIDE")),
+        "python_env": e("M_DB_PY_ENV"),
+        "tmpdir_fs": e("M_DB_FS") if e("M_DB_KIND") == "sqlite" else None,
+        "sqlite_synchronous_python": e("M_DB_SYNC") if e("M_DB_KIND") == "sqlite" else None,
+        "demo_sqlite_source_id": e("M_DEMO_SQLITE_ID") or None,
+        "probe": {"dcrf": js("M_PROBE_DCRF"), "python": js("M_PROBE_PYTHON")},
+        "postgres": js("M_PG"),
+    },
+    "profile": e("M_PROFILE"),
+    "scenarios": e("M_SCENARIOS"),
+    "invocation": e("M_INVOCATION"),
+}, open(sys.argv[1], "w"), indent=2)
+EOF
 
 for scenario in $SCENARIOS; do
   case "$scenario" in

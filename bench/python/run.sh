@@ -7,7 +7,9 @@
 #   bench/python/run.sh --bind HOST:PORT [--seed N]
 #
 # --seed N replaces the todos with N fresh ones (ids 1..N) before starting.
-# Environment: DCRF_BENCH_PY_DB (database file, default bench/python/db.sqlite3).
+# Environment: DATABASE_URL (postgres://user:password@host:port/name: PostgreSQL), else
+# DCRF_BENCH_PY_DB (SQLite file, default bench/python/db.sqlite3) and
+# DCRF_BENCH_SQLITE_SYNCHRONOUS (default FULL). See benchsite/settings.py.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,7 +19,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --bind) bind="$2"; shift 2 ;;
     --seed) seed="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done

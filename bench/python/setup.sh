@@ -4,8 +4,8 @@
 #
 #   bench/python/setup.sh [--seed N]        (default N = 1000)
 #
-# Environment: PYTHON (default python3), DCRF_BENCH_PY_DB (database file, default
-# bench/python/db.sqlite3).
+# Environment: PYTHON (default python3); the database as for run.sh: DATABASE_URL
+# (PostgreSQL), else DCRF_BENCH_PY_DB (SQLite file, default bench/python/db.sqlite3).
 set -euo pipefail
 cd "$(dirname "$0")"
 

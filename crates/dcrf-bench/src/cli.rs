@@ -13,7 +13,17 @@ use clap::{Parser, ValueEnum};
 ///
 /// Replies are matched to requests by `request_id`; a reply whose `response_status` is not
 /// 2xx counts as an error, and a reply whose `request_id` matches nothing in flight counts as
-/// unmatched.
+/// unmatched. A request sent in the measured window and still unanswered `--timeout` seconds
+/// after the window (fan-out: a write × subscriber pair whose push never came) is lost, and an
+/// error.
+/// Fan-out counts each (write, subscriber) pair once; a second push of the same write to the
+/// same subscriber is a duplicate (`duplicates`), neither a delivery nor timed.
+///
+/// Latency is never silently capped: a lost request is recorded as censored at the time it
+/// had waited (a lower bound), and so is a sample above the histogram's bound (one hour, or
+/// more for runs that can last longer: `latency_bound_s`). `censored` counts them, and every
+/// percentile at or above `censored_min_us` is a lower bound, not a measurement. Warnings
+/// about errors, unmatched, lost, duplicate or censored samples are printed on stderr.
 #[derive(Debug, Parser)]
 #[command(name = "dcrf-bench", version, about, long_about)]
 #[command(after_help = "Examples:
@@ -107,8 +117,9 @@ pub struct Args {
     pub payload: usize,
 
     /// Seconds to wait for outstanding replies after the run (they count as lost and as
-    /// errors after that), for a handshake or subscription reply, and in closed-loop `fanout`
-    /// for all deliveries of one update.
+    /// errors after that, and their latency as censored), for a handshake or subscription
+    /// reply, and in closed-loop `fanout` for all deliveries of one update (and again after
+    /// the run for the deliveries still due).
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub timeout: f64,
 }

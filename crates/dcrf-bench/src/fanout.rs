@@ -8,6 +8,12 @@
 //! Closed loop (no `--rate`): the writer sends the next write only when the previous one has
 //! been acknowledged and delivered to every subscriber (or `--timeout` passed). Open loop:
 //! writes go out on a fixed schedule whatever the deliveries.
+//!
+//! Every (write, subscriber) pair counts once: a subscriber remembers the writes it has had a
+//! push for, and a second push for the same write is a duplicate (counted apart, not timed,
+//! not a delivery). `lost` is the expected pairs (successful writes of the window ×
+//! subscribers) minus the distinct pairs delivered; each lost pair is a censored latency
+//! sample, at least as long as the time from its write to the end of listening.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +30,7 @@ use crate::load::{cpu_over, per_second};
 use crate::proto::{
     ReplyHead, build_fanout_patch, build_subscribe, clock_ns, instant_ns, parse_fanout_title,
 };
-use crate::stats::{Counters, LocalRecorder, Recorder, Report, rss_kib};
+use crate::stats::{Counters, LocalRecorder, Recorder, Report, latency_bound_ns, rss_kib};
 
 /// The writer's in-flight cap under `--rate` when `--window` is not given.
 const OPEN_LOOP_DEFAULT_CAP: usize = 1024;
@@ -47,6 +53,9 @@ struct Shared {
     delivered_for_window: AtomicU64,
     /// Successful writes sent in the measured window.
     writes_ok_in_window: AtomicU64,
+    /// The highest sequence number the writer has used (pushes claiming a higher one are not
+    /// ours).
+    last_seq: AtomicU64,
 }
 
 impl Shared {
@@ -76,8 +85,12 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
         delivered_in_window: AtomicU64::new(0),
         delivered_for_window: AtomicU64::new(0),
         writes_ok_in_window: AtomicU64::new(0),
+        last_seq: AtomicU64::new(0),
     });
-    let recorder = Arc::new(Recorder::new(threads * 2));
+    let recorder = Arc::new(Recorder::new(
+        threads * 2,
+        latency_bound_ns(args.warmup(), args.duration(), timeout),
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Every subscriber listens as soon as it has subscribed, so the server's keepalive pings
@@ -92,7 +105,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
             let ws = subscribe(&url, timeout, all, pk, i).await?;
             Ok(tokio::spawn(async move {
                 let mut local = recorder.local(i);
-                listen(ws, i, &shared, &counters, &mut local, stop).await;
+                listen(ws, i, &shared, &counters, &mut local, stop).await
             }))
         }
     })
@@ -129,7 +142,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
         interval: args.rate.map(|r| Duration::from_secs_f64(1.0 / r)),
         cap: args.window.unwrap_or(OPEN_LOOP_DEFAULT_CAP),
     };
-    {
+    let writer_end = {
         let shared = Arc::clone(&shared);
         let writer_counters = Arc::clone(&counters);
         let result =
@@ -137,10 +150,20 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
                 async move { write(writer, &writer_cfg, &shared, &writer_counters).await },
             )
             .await;
-        if !matches!(result, Ok(true)) {
-            counters.connection_failed();
+        match result {
+            Ok(end) => {
+                if end.broken {
+                    counters.connection_failed();
+                }
+                end
+            }
+            Err(_) => {
+                counters.connection_failed();
+                WriterEnd::default()
+            }
         }
-    }
+    };
+    let ok_writes = &writer_end.ok_writes;
 
     // Wait for the deliveries still due, then stop the subscribers.
     let deadline = Instant::now().max(window.end) + timeout;
@@ -150,17 +173,53 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
     {
         sleep(Duration::from_millis(10)).await;
     }
+    let stop_ns = clock_ns();
     let _ = stop_tx.send(true);
+    // Distinct subscribers that had each write's push, by sequence number.
+    let last_seq = shared.last_seq.load(Ordering::Relaxed);
+    let mut had = vec![0u64; usize::try_from(last_seq).unwrap_or(0).saturating_add(1)];
+    let mut duplicates = 0u64;
     for t in subscriber_tasks {
-        if t.await.is_err() {
-            counters.connection_failed();
+        match t.await {
+            Ok(seen) => {
+                duplicates += seen.duplicates;
+                seen.for_each(|seq| {
+                    if let Some(n) = usize::try_from(seq).ok().and_then(|s| had.get_mut(s)) {
+                        *n += 1;
+                    }
+                });
+            }
+            Err(_) => counters.connection_failed(),
         }
     }
     let (client_cpu, server_cpu) = cpu.await.unwrap_or_default();
 
-    let deliveries = shared.delivered_for_window.load(Ordering::Relaxed);
-    let deliveries_expected = expected();
-    let lost = deliveries_expected.saturating_sub(deliveries);
+    // Expected pairs: successful writes of the window × subscribers; the missing ones are lost
+    // and censored at the time from their write to the end of listening. The missing pairs of
+    // unanswered writes (already lost as writes) are censored too: their pushes may be due.
+    let subscribers = shared.subscribers();
+    let got = |seq: u64| {
+        usize::try_from(seq)
+            .ok()
+            .and_then(|s| had.get(s))
+            .copied()
+            .unwrap_or(0)
+            .min(subscribers)
+    };
+    let (mut deliveries, mut lost) = (0u64, 0u64);
+    {
+        let mut censor = recorder.local(0);
+        for &(seq, sent_ns) in ok_writes {
+            let got = got(seq);
+            deliveries += got;
+            lost += subscribers - got;
+            censor.record_censored_ns(stop_ns.saturating_sub(sent_ns), subscribers - got);
+        }
+        for &(seq, sent_ns) in &writer_end.unanswered_writes {
+            censor.record_censored_ns(stop_ns.saturating_sub(sent_ns), subscribers - got(seq));
+        }
+    }
+    let deliveries_expected = ok_writes.len() as u64 * subscribers;
     Counters::add(&counters.lost, lost);
     Counters::add(&counters.errors, lost);
 
@@ -169,6 +228,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
         subscribe: Some(args.subscribe.name().to_owned()),
         deliveries: Some(deliveries),
         deliveries_expected: Some(deliveries_expected),
+        duplicates: Some(duplicates),
         deliveries_per_s: Some(per_second(
             shared.delivered_in_window.load(Ordering::Relaxed),
             args.duration(),
@@ -177,7 +237,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
     };
     report.set_counters(&counters);
     report.msgs_per_s = per_second(report.received, args.duration());
-    report.set_latency(&recorder.merged());
+    report.set_latency(&recorder);
     report.set_cpu(client_cpu, server_cpu, args.duration());
     report.client_rss_kib = rss_kib(None);
     Ok(report)
@@ -225,7 +285,44 @@ async fn subscribe(
     }
 }
 
-/// A subscriber: times every push until told to stop.
+/// The writes one subscriber has had a push for (a bit per sequence number), and the pushes
+/// it received again for a write it already had.
+#[derive(Debug, Default)]
+struct Seen {
+    bits: Vec<u64>,
+    duplicates: u64,
+}
+
+impl Seen {
+    /// Marks `seq` as delivered; `false` if it already was (a duplicate).
+    fn insert(&mut self, seq: u64) -> bool {
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if word >= self.bits.len() {
+            self.bits.resize(word + 1, 0);
+        }
+        let fresh = self.bits[word] & (1 << bit) == 0;
+        self.bits[word] |= 1 << bit;
+        if !fresh {
+            self.duplicates += 1;
+        }
+        fresh
+    }
+
+    /// Calls `f` with every delivered sequence number.
+    fn for_each(&self, mut f: impl FnMut(u64)) {
+        for (w, &word) in self.bits.iter().enumerate() {
+            let mut rest = word;
+            while rest != 0 {
+                let bit = u64::from(rest.trailing_zeros());
+                f(w as u64 * 64 + bit);
+                rest &= rest - 1;
+            }
+        }
+    }
+}
+
+/// A subscriber: times the first push of every write until told to stop; returns the writes
+/// it had.
 async fn listen(
     mut ws: Ws,
     i: usize,
@@ -233,8 +330,9 @@ async fn listen(
     counters: &Counters,
     rec: &mut LocalRecorder<'_>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Seen {
     let rid = format!("sub-{i}");
+    let mut seen = Seen::default();
     let (mut errors, mut unmatched) = (0u64, 0u64);
     let mut broken = false;
     loop {
@@ -267,6 +365,14 @@ async fn listen(
             }
             continue;
         };
+        if seq == 0 || seq > shared.last_seq.load(Ordering::Acquire) {
+            // Not a write of this run.
+            unmatched += 1;
+            continue;
+        }
+        if !seen.insert(seq) {
+            continue;
+        }
         if shared.in_window(now_ns) {
             shared.delivered_in_window.fetch_add(1, Ordering::Relaxed);
         }
@@ -300,6 +406,7 @@ async fn listen(
     }
     Counters::add(&counters.errors, errors);
     Counters::add(&counters.unmatched, unmatched);
+    seen
 }
 
 /// The writer's settings.
@@ -314,15 +421,28 @@ struct WriterCfg {
     cap: usize,
 }
 
-/// The writer; returns `false` if its connection broke.
-async fn write(mut ws: Ws, cfg: &WriterCfg, shared: &Shared, counters: &Counters) -> bool {
+/// What the writer reports at the end.
+#[derive(Debug, Default)]
+struct WriterEnd {
+    /// `(seq, sent_ns)` of every write sent in the measured window that succeeded.
+    ok_writes: Vec<(u64, u64)>,
+    /// `(seq, sent_ns)` of the writes sent in the window that got no reply (lost writes: their
+    /// pushes may still have been due).
+    unanswered_writes: Vec<(u64, u64)>,
+    /// Whether its connection broke.
+    broken: bool,
+}
+
+/// The writer.
+async fn write(mut ws: Ws, cfg: &WriterCfg, shared: &Shared, counters: &Counters) -> WriterEnd {
     let w = cfg.window;
     let mut buf = String::with_capacity(160);
     let (mut sent, mut received, mut errors, mut unmatched) = (0u64, 0u64, 0u64, 0u64);
     let mut broken = false;
     let mut seq: u64 = 0;
-    // request id → (scheduled send time in ns, sent in the window?)
+    // request id (= sequence number) → (scheduled send time in ns, sent in the window?)
     let mut in_flight: std::collections::HashMap<u64, (u64, bool)> = Default::default();
+    let mut ok_writes: Vec<(u64, u64)> = Vec::new();
 
     // Handles a reply to a write; returns whether it answered `in_flight` entry `id`.
     let mut on_reply = |text: &str, in_flight: &mut std::collections::HashMap<u64, (u64, bool)>| {
@@ -331,7 +451,7 @@ async fn write(mut ws: Ws, cfg: &WriterCfg, shared: &Shared, counters: &Counters
             unmatched += 1;
             return None;
         };
-        let Some((id, (_, in_window))) =
+        let Some((id, (sent_ns, in_window))) =
             head.numeric_id().and_then(|id| in_flight.remove_entry(&id))
         else {
             unmatched += 1;
@@ -344,6 +464,7 @@ async fn write(mut ws: Ws, cfg: &WriterCfg, shared: &Shared, counters: &Counters
         if in_window {
             if ok {
                 shared.writes_ok_in_window.fetch_add(1, Ordering::Relaxed);
+                ok_writes.push((id, sent_ns));
             } else {
                 errors += 1;
             }
@@ -358,6 +479,7 @@ async fn write(mut ws: Ws, cfg: &WriterCfg, shared: &Shared, counters: &Counters
             while Instant::now() < w.end && !broken {
                 seq += 1;
                 id += 1;
+                shared.last_seq.store(seq, Ordering::Release);
                 shared.current.store(seq << 32, Ordering::Release);
                 let sent_ns = clock_ns();
                 let in_window = shared.in_window(sent_ns);
@@ -422,6 +544,7 @@ async fn write(mut ws: Ws, cfg: &WriterCfg, shared: &Shared, counters: &Counters
                         while due <= now && due < w.end && in_flight.len() < cfg.cap && !broken {
                             seq += 1;
                             id += 1;
+                            shared.last_seq.store(seq, Ordering::Release);
                             let sent_ns = instant_ns(due);
                             let in_window = shared.in_window(sent_ns);
                             build_fanout_patch(&mut buf, cfg.pk, id, seq, sent_ns);
@@ -458,10 +581,12 @@ async fn write(mut ws: Ws, cfg: &WriterCfg, shared: &Shared, counters: &Counters
             _ = sleep_until(deadline.into()) => break,
         }
     }
-    let lost = in_flight
-        .values()
-        .filter(|(_, in_window)| *in_window)
-        .count() as u64;
+    let unanswered_writes: Vec<(u64, u64)> = in_flight
+        .iter()
+        .filter(|(_, (_, in_window))| *in_window)
+        .map(|(&id, &(sent_ns, _))| (id, sent_ns))
+        .collect();
+    let lost = unanswered_writes.len() as u64;
     if !broken {
         let _ = tokio::time::timeout(Duration::from_millis(500), ws.close(None)).await;
     }
@@ -470,5 +595,9 @@ async fn write(mut ws: Ws, cfg: &WriterCfg, shared: &Shared, counters: &Counters
     Counters::add(&counters.errors, errors + lost);
     Counters::add(&counters.lost, lost);
     Counters::add(&counters.unmatched, unmatched);
-    !broken
+    WriterEnd {
+        ok_writes,
+        unanswered_writes,
+        broken,
+    }
 }

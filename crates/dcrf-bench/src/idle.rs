@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::cli::Args;
 use crate::conn::{self, Window, Ws};
 use crate::load::{cpu_over, per_second};
-use crate::stats::{Counters, Recorder, Report, rss_kib};
+use crate::stats::{Counters, Recorder, Report, latency_bound_ns, rss_kib};
 
 /// Runs the idle scenario and returns its report.
 pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, String> {
@@ -31,34 +31,45 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
 
     let counters = Arc::new(Counters::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let recorder = Arc::new(Recorder::new(
+        threads * 2,
+        latency_bound_ns(args.warmup(), args.duration(), timeout),
+    ));
     let t0 = Instant::now();
     // Each connection is read from as soon as it is open, so the server's keepalive pings
-    // are answered even while the others are still connecting.
-    let opened = conn::open_many(args.connections, args.connect_concurrency, |_| {
+    // are answered even while the others are still connecting. A handshake that timed out is
+    // a censored sample (it took at least the timeout).
+    let opened = conn::open_many(args.connections, args.connect_concurrency, |i| {
         let url = Arc::clone(&url);
         let stop = stop_rx.clone();
+        let recorder = Arc::clone(&recorder);
         async move {
             let t = Instant::now();
-            let ws = conn::connect(&url, timeout).await?;
+            let result = conn::connect(&url, timeout).await;
             let handshake = t.elapsed();
-            Ok((tokio::spawn(hold(ws, stop)), handshake))
+            let mut local = recorder.local(i);
+            match result {
+                Ok(ws) => {
+                    local.record(handshake);
+                    Ok(tokio::spawn(hold(ws, stop)))
+                }
+                Err(e) => {
+                    if handshake >= timeout {
+                        local.record_censored(handshake);
+                    }
+                    Err(e)
+                }
+            }
         }
     })
     .await;
     let connect_time = t0.elapsed();
 
-    let recorder = Recorder::new(1);
     let mut holders = Vec::new();
-    {
-        let mut local = recorder.local(0);
-        for r in opened {
-            match r {
-                Ok((holder, handshake)) => {
-                    local.record(handshake);
-                    holders.push(holder);
-                }
-                Err(_) => counters.connection_failed(),
-            }
+    for r in opened {
+        match r {
+            Ok(holder) => holders.push(holder),
+            Err(_) => counters.connection_failed(),
         }
     }
     let open = holders.len();
@@ -104,7 +115,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
         ..Report::for_run(args, &url, open, threads, cores)
     };
     report.set_counters(&counters);
-    report.set_latency(&recorder.merged());
+    report.set_latency(&recorder);
     report.set_cpu(client_cpu, server_cpu, args.duration());
     report.client_rss_kib = rss_kib(None);
     Ok(report)

@@ -13,7 +13,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use crate::cli::{Args, Scenario};
 use crate::conn::{self, Window, Ws};
 use crate::proto::{ReplyHead, Rng, build_request, clock_ns};
-use crate::stats::{Counters, LocalRecorder, Recorder, Report, cpu_seconds, rss_kib};
+use crate::stats::{
+    Counters, LocalRecorder, Recorder, Report, cpu_seconds, latency_bound_ns, rss_kib,
+};
 
 /// The in-flight cap per connection under `--rate` when `--window` is not given.
 const OPEN_LOOP_DEFAULT_CAP: usize = 1024;
@@ -70,7 +72,10 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
         payload: "a".repeat(args.payload),
         timeout,
     });
-    let recorder = Arc::new(Recorder::new(threads * 2));
+    let recorder = Arc::new(Recorder::new(
+        threads * 2,
+        latency_bound_ns(args.warmup(), args.duration(), timeout),
+    ));
     let cpu = tokio::spawn(cpu_over(window, args.server_pid));
     let tasks: Vec<_> = sockets
         .into_iter()
@@ -98,7 +103,7 @@ pub async fn run(args: &Args, threads: usize, cores: usize) -> Result<Report, St
     };
     report.set_counters(&counters);
     report.msgs_per_s = per_second(report.received, args.duration());
-    report.set_latency(&recorder.merged());
+    report.set_latency(&recorder);
     report.set_cpu(client_cpu, server_cpu, args.duration());
     report.client_rss_kib = rss_kib(None);
     Ok(report)
@@ -293,11 +298,17 @@ async fn drive(
             _ = sleep_until(deadline.into()) => break,
         }
     }
-    let lost = c
-        .in_flight
-        .values()
-        .filter(|(_, in_window)| *in_window)
-        .count() as u64;
+    // Requests of the window still unanswered: lost, and their latency is censored at the
+    // time they waited.
+    let now = Instant::now();
+    let mut lost = 0u64;
+    for (sent_at, in_window) in c.in_flight.values() {
+        if *in_window {
+            lost += 1;
+            c.recorder
+                .record_censored(now.saturating_duration_since(*sent_at));
+        }
+    }
     if c.broken {
         counters.connection_failed();
     } else {

@@ -1,5 +1,12 @@
 //! Counting and latency recording shared by all connections, `/proc` readings, and the
 //! report printed at the end.
+//!
+//! Latencies the generator cannot measure exactly are *censored*: a request still unanswered
+//! when the generator stops waiting (fan-out: a write × subscriber pair never delivered; idle:
+//! a handshake that timed out) is recorded at the time it had waited, a lower bound of its
+//! real latency, and a sample above the histogram's bound is recorded at the bound. Both are
+//! counted in `censored`, and the smallest such lower bound is `censored_min_us`: every
+//! percentile at or above it is only a lower bound.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,25 +15,50 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// Largest latency recorded (larger values are clamped): one minute, in nanoseconds.
-const MAX_LATENCY_NS: u64 = 60_000_000_000;
+/// The smallest histogram bound: one hour, in nanoseconds. [`latency_bound_ns`] raises it for
+/// runs that can last longer.
+const MIN_LATENCY_BOUND_NS: u64 = 3_600_000_000_000;
 /// Samples a connection buffers before taking a shard's lock.
 const LOCAL_BATCH: usize = 256;
 
+/// The histogram bound for a run: longer than any latency the run can observe (warm-up,
+/// duration, two timeouts (a closed-loop fan-out write may wait one timeout inside the window
+/// and the final wait is another) and a minute of slack), and at least one hour. Samples above
+/// it are recorded at the bound and counted as censored.
+pub fn latency_bound_ns(warmup: Duration, duration: Duration, timeout: Duration) -> u64 {
+    let longest = warmup
+        .saturating_add(duration)
+        .saturating_add(timeout.saturating_mul(2))
+        .saturating_add(Duration::from_secs(60));
+    crate::proto::nanos(longest).max(MIN_LATENCY_BOUND_NS)
+}
+
 /// A latency histogram shared by many connections: a few lock-protected shards that
-/// connections fill in batches, merged at the end.
+/// connections fill in batches, merged at the end; and the count of censored samples.
 #[derive(Debug)]
 pub struct Recorder {
     shards: Vec<Mutex<Histogram<u64>>>,
+    bound_ns: u64,
+    /// Samples known only as a lower bound (see the module documentation).
+    censored: AtomicU64,
+    /// The smallest lower bound among them, ns (`u64::MAX` when there is none).
+    censored_min_ns: AtomicU64,
 }
 
 impl Recorder {
-    /// A recorder with `shards` shards (at least one).
-    pub fn new(shards: usize) -> Recorder {
+    /// A recorder with `shards` shards (at least one) whose histograms hold latencies up to
+    /// `bound_ns` (see [`latency_bound_ns`]).
+    pub fn new(shards: usize, bound_ns: u64) -> Recorder {
+        let bound_ns = bound_ns.max(2);
         let shards = (0..shards.max(1))
-            .map(|_| Mutex::new(new_histogram()))
+            .map(|_| Mutex::new(new_histogram(bound_ns)))
             .collect();
-        Recorder { shards }
+        Recorder {
+            shards,
+            bound_ns,
+            censored: AtomicU64::new(0),
+            censored_min_ns: AtomicU64::new(u64::MAX),
+        }
     }
 
     /// A per-connection buffer that flushes into shard `index % shards`.
@@ -35,12 +67,14 @@ impl Recorder {
             recorder: self,
             shard: index % self.shards.len(),
             buf: Vec::with_capacity(LOCAL_BATCH),
+            censored: 0,
+            censored_min_ns: u64::MAX,
         }
     }
 
     /// All shards merged.
     pub fn merged(&self) -> Histogram<u64> {
-        let mut all = new_histogram();
+        let mut all = new_histogram(self.bound_ns);
         for shard in &self.shards {
             let h = shard.lock().unwrap_or_else(|e| e.into_inner());
             // Same bounds on both sides, so adding cannot fail.
@@ -48,10 +82,22 @@ impl Recorder {
         }
         all
     }
+
+    /// The largest latency the histograms hold, ns.
+    pub fn bound_ns(&self) -> u64 {
+        self.bound_ns
+    }
+
+    /// Censored samples so far (flushed ones) and the smallest lower bound among them, ns.
+    pub fn censored(&self) -> (u64, Option<u64>) {
+        let n = self.censored.load(Ordering::Relaxed);
+        let min = self.censored_min_ns.load(Ordering::Relaxed);
+        (n, (n > 0 && min != u64::MAX).then_some(min))
+    }
 }
 
-fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).expect("valid histogram bounds")
+fn new_histogram(bound_ns: u64) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, bound_ns, 3).expect("valid histogram bounds")
 }
 
 /// A connection's latency buffer; flushes on drop.
@@ -59,18 +105,51 @@ fn new_histogram() -> Histogram<u64> {
 pub struct LocalRecorder<'a> {
     recorder: &'a Recorder,
     shard: usize,
-    buf: Vec<u64>,
+    /// `(value, count)` samples not yet in the shared histogram.
+    buf: Vec<(u64, u64)>,
+    censored: u64,
+    censored_min_ns: u64,
 }
 
 impl LocalRecorder<'_> {
     /// Records one latency.
     pub fn record(&mut self, latency: Duration) {
-        self.record_ns(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
+        self.record_ns(crate::proto::nanos(latency));
     }
 
-    /// Records one latency given in nanoseconds.
+    /// Records one latency given in nanoseconds. A value above the bound is recorded at the
+    /// bound and counted as censored.
     pub fn record_ns(&mut self, ns: u64) {
-        self.buf.push(ns.clamp(1, MAX_LATENCY_NS));
+        let bound = self.recorder.bound_ns;
+        if ns > bound {
+            self.censor(bound, 1);
+        }
+        self.push(ns.clamp(1, bound), 1);
+    }
+
+    /// Records `n` observations known only to be at least `at_least_ns` long (a request still
+    /// unanswered after that long): recorded at that value, counted as censored.
+    pub fn record_censored_ns(&mut self, at_least_ns: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let v = at_least_ns.clamp(1, self.recorder.bound_ns);
+        self.censor(v, n);
+        self.push(v, n);
+    }
+
+    /// [`record_censored_ns`](Self::record_censored_ns) for one observation.
+    pub fn record_censored(&mut self, at_least: Duration) {
+        self.record_censored_ns(crate::proto::nanos(at_least), 1);
+    }
+
+    fn censor(&mut self, at_least_ns: u64, n: u64) {
+        self.censored += n;
+        self.censored_min_ns = self.censored_min_ns.min(at_least_ns);
+    }
+
+    fn push(&mut self, v: u64, n: u64) {
+        self.buf.push((v, n));
         if self.buf.len() >= LOCAL_BATCH {
             self.flush();
         }
@@ -78,14 +157,22 @@ impl LocalRecorder<'_> {
 
     /// Moves the buffered samples into the shared histogram.
     pub fn flush(&mut self) {
+        if self.censored > 0 {
+            let r = self.recorder;
+            r.censored.fetch_add(self.censored, Ordering::Relaxed);
+            r.censored_min_ns
+                .fetch_min(self.censored_min_ns, Ordering::Relaxed);
+            self.censored = 0;
+            self.censored_min_ns = u64::MAX;
+        }
         if self.buf.is_empty() {
             return;
         }
         let mut h = self.recorder.shards[self.shard]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        for &v in &self.buf {
-            h.saturating_record(v);
+        for &(v, n) in &self.buf {
+            h.saturating_record_n(v, n);
         }
         self.buf.clear();
     }
@@ -210,14 +297,30 @@ pub struct Report {
     pub max_us: f64,
     /// Mean latency, µs.
     pub mean_us: f64,
-    /// Latency samples.
+    /// Latency samples, censored ones included.
     pub samples: u64,
+    /// Latency samples known only as a lower bound: requests (`fanout`: write × subscriber
+    /// pairs; `idle`: handshakes) still unanswered when the generator stopped waiting,
+    /// recorded at the time waited, and samples above `latency_bound_s`, recorded at the
+    /// bound. Included in `samples` and the percentiles.
+    pub censored: u64,
+    /// The smallest lower bound among the censored samples, µs: a percentile at or above it
+    /// is a lower bound, not a measurement. Absent when nothing was censored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub censored_min_us: Option<f64>,
+    /// The largest latency the histogram holds, seconds (larger samples are censored).
+    pub latency_bound_s: f64,
     /// Non-2xx replies, lost replies and failed connections.
     pub errors: u64,
-    /// Replies whose `request_id` matched nothing in flight.
+    /// Replies (`fanout`: pushes) whose `request_id` matched nothing in flight (any time).
     pub unmatched: u64,
-    /// Requests (or, for `fanout`, deliveries) that never arrived (included in `errors`).
+    /// Requests (or, for `fanout`, write × subscriber pairs) that never arrived (included in
+    /// `errors`).
     pub lost: u64,
+    /// `fanout`: pushes received again by a subscriber that already had that write's push
+    /// (any time; not counted in `deliveries`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<u64>,
     /// Connections that failed to open or broke during the run (included in `errors`).
     pub connection_errors: u64,
     /// Generator CPU over the measured window, percent of one core.
@@ -232,10 +335,12 @@ pub struct Report {
     /// `fanout`: how subscribers subscribed (`instance` or `all`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscribe: Option<String>,
-    /// `fanout`: pushes received by subscribers per second in the measured window.
+    /// `fanout`: distinct (write, subscriber) pairs delivered per second in the measured
+    /// window (duplicates not counted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deliveries_per_s: Option<f64>,
-    /// `fanout`: pushes received for writes made in the window.
+    /// `fanout`: distinct (write, subscriber) pairs delivered for successful writes made in
+    /// the window.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deliveries: Option<u64>,
     /// `fanout`: pushes expected for writes made in the window (successful writes ×
@@ -284,9 +389,15 @@ impl Report {
         }
     }
 
-    /// Fills the latency fields from a histogram of nanoseconds.
-    pub fn set_latency(&mut self, h: &Histogram<u64>) {
+    /// Fills the latency and censoring fields from a recorder (every local recorder must
+    /// have been flushed or dropped).
+    pub fn set_latency(&mut self, r: &Recorder) {
         let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
+        let (censored, censored_min) = r.censored();
+        self.censored = censored;
+        self.censored_min_us = censored_min.map(us);
+        self.latency_bound_s = r.bound_ns() as f64 / 1e9;
+        let h = r.merged();
         self.samples = h.len();
         if h.is_empty() {
             return;
@@ -329,7 +440,25 @@ impl Report {
     }
 
     /// Prints the results: a table, or with `json` one JSON object as the last line.
+    /// Warnings about the results go to stderr first.
     pub fn print(&self, json: bool) {
+        if self.censored > 0 {
+            eprintln!(
+                "warning: {} latency sample(s) are censored (unanswered when the generator \
+                 stopped waiting, or above the {:.0} s bound): percentiles at or above {:.1} µs \
+                 are lower bounds",
+                self.censored,
+                self.latency_bound_s,
+                self.censored_min_us.unwrap_or(0.0)
+            );
+        }
+        let dup = self.duplicates.unwrap_or(0);
+        if self.errors > 0 || self.unmatched > 0 || self.lost > 0 || dup > 0 {
+            eprintln!(
+                "warning: errors {}, unmatched {}, lost {}, duplicates {}, connection errors {}",
+                self.errors, self.unmatched, self.lost, dup, self.connection_errors
+            );
+        }
         if self.client_saturated {
             eprintln!(
                 "warning: the load generator used {:.0}% CPU of {} core(s); it may be the \
@@ -374,9 +503,13 @@ impl Report {
             "max_us",
             "mean_us",
             "samples",
+            "censored",
+            "censored_min_us",
+            "latency_bound_s",
             "errors",
             "unmatched",
             "lost",
+            "duplicates",
             "connection_errors",
             "server_rss_before_kib",
             "server_rss_kib",
@@ -411,7 +544,7 @@ mod tests {
 
     #[test]
     fn recorder_merges_shards() {
-        let r = Recorder::new(4);
+        let r = Recorder::new(4, MIN_LATENCY_BOUND_NS);
         for i in 0..10 {
             let mut l = r.local(i);
             for v in 1..=100u64 {
@@ -421,9 +554,47 @@ mod tests {
         let h = r.merged();
         assert_eq!(h.len(), 1000);
         let mut rep = Report::default();
-        rep.set_latency(&h);
+        rep.set_latency(&r);
         assert!((49.0..=51.0).contains(&rep.p50_us), "{}", rep.p50_us);
         assert!((99.0..=101.0).contains(&rep.max_us));
+        assert_eq!(rep.censored, 0);
+        assert_eq!(rep.censored_min_us, None);
+    }
+
+    #[test]
+    fn censoring() {
+        let bound = 1_000_000; // 1 ms
+        let r = Recorder::new(2, bound);
+        {
+            let mut l = r.local(0);
+            for v in 1..=97u64 {
+                l.record_ns(v * 1000 / 2);
+            }
+            // Above the bound: clamped and censored.
+            l.record_ns(5 * bound);
+            // Unanswered after 0.9 ms, twice.
+            l.record_censored_ns(900_000, 2);
+        }
+        let mut rep = Report::default();
+        rep.set_latency(&r);
+        assert_eq!(rep.samples, 100);
+        assert_eq!(rep.censored, 3);
+        assert_eq!(rep.censored_min_us, Some(900.0));
+        assert!(
+            rep.max_us >= 999.0 && rep.max_us <= 1001.0,
+            "{}",
+            rep.max_us
+        );
+        assert!(rep.p50_us < 900.0);
+        assert!(rep.p99_us >= 900.0);
+    }
+
+    #[test]
+    fn bound_covers_the_run() {
+        let s = Duration::from_secs;
+        assert_eq!(latency_bound_ns(s(1), s(10), s(120)), MIN_LATENCY_BOUND_NS);
+        let long = latency_bound_ns(s(0), s(7200), s(600));
+        assert!(long > crate::proto::nanos(s(8400)));
     }
 
     #[test]

@@ -14,11 +14,13 @@ class Command(BaseCommand):
 
     def handle(self, *args, n, **options):
         with transaction.atomic():
-            Todo.objects.all().delete()
+            table = Todo._meta.db_table
             with connection.cursor() as cursor:
-                cursor.execute(
-                    "DELETE FROM sqlite_sequence WHERE name = %s", [Todo._meta.db_table]
-                )
+                if connection.vendor == "postgresql":
+                    cursor.execute(f'TRUNCATE "{table}" RESTART IDENTITY')
+                else:
+                    Todo.objects.all().delete()
+                    cursor.execute("DELETE FROM sqlite_sequence WHERE name = %s", [table])
             Todo.objects.bulk_create(
                 (Todo(title=f"Todo {i}") for i in range(1, n + 1)), batch_size=500
             )
