@@ -194,7 +194,7 @@ impl<R: ThingRepr> Things<R> {
         args: Many,
     ) -> Result<Reply<()>, ApiError> {
         for key in args.keys() {
-            self.many.subscribe(ctx, &key, frame.request_id()).await;
+            self.many.subscribe(ctx, &key, frame.request_id()).await?;
         }
         Ok(Reply::with_status((), dcrf::StatusCode::CREATED))
     }

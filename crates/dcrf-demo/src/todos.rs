@@ -140,7 +140,7 @@ impl Todos {
         ctx: &Ctx,
         frame: &Frame<'_>,
     ) -> Result<Reply<Subscribed>, ApiError> {
-        self.all.subscribe(ctx, "", frame.request_id()).await;
+        self.all.subscribe(ctx, "", frame.request_id()).await?;
         Ok(Reply::created(Subscribed { subscribed: true }))
     }
 

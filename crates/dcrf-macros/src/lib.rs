@@ -141,6 +141,7 @@ fn expand(args: &ConsumerArgs, mut block: ItemImpl, errors: &mut Errors) -> Toke
 
     let mut arms = Vec::new();
     let mut names: Vec<(String, Span)> = Vec::new();
+    let mut reads: Vec<String> = Vec::new();
     // Every item in its written order, with whether it is an action.
     let mut items = Vec::with_capacity(block.items.len());
 
@@ -156,7 +157,7 @@ fn expand(args: &ConsumerArgs, mut block: ItemImpl, errors: &mut Errors) -> Toke
         let attr = method.attrs.remove(pos);
         // A second `#[action]` on one method is an unknown attribute for rustc; drop it too.
         method.attrs.retain(|a| !is_action_attr(a));
-        match action(&attr, &method, &mut names) {
+        match action(&attr, &method, &mut names, &mut reads) {
             Ok(arm) => arms.push(arm),
             Err(e) => errors.push(e),
         }
@@ -207,6 +208,30 @@ fn expand(args: &ConsumerArgs, mut block: ItemImpl, errors: &mut Errors) -> Toke
     } else {
         quote! { <Self as ::dcrf::Consumer>::on_event(self, ctx, event).await; }
     };
+    let reads_fallback = if args.model {
+        quote! { ::dcrf::__private::model_action_reads(self, action) }
+    } else {
+        quote! { false }
+    };
+    let reads_fn = quote! {
+        fn reads(&self, action: &str) -> bool {
+            match action {
+                #(#reads)|* => true,
+                _ => #reads_fallback,
+            }
+        }
+    };
+    let reads_fn = if reads.is_empty() && !args.model {
+        quote! {}
+    } else if reads.is_empty() {
+        quote! {
+            fn reads(&self, action: &str) -> bool {
+                #reads_fallback
+            }
+        }
+    } else {
+        reads_fn
+    };
     let mounted = args.model.then(|| {
         quote! {
             fn mounted(&self) {
@@ -244,6 +269,8 @@ fn expand(args: &ConsumerArgs, mut block: ItemImpl, errors: &mut Errors) -> Toke
             }
 
             #mounted
+
+            #reads_fn
         }
     }
 }
@@ -273,12 +300,15 @@ impl Kind {
 struct ActionSpec {
     name: Option<String>,
     kind: Kind,
+    /// `#[action(read)]`: the action only reads (permissions see `Frame::reads`).
+    read: bool,
 }
 
 fn parse_action_attr(attr: &Attribute) -> syn::Result<ActionSpec> {
     let mut spec = ActionSpec {
         name: None,
         kind: Kind::Normal,
+        read: false,
     };
     if let Meta::Path(_) = &attr.meta {
         return Ok(spec);
@@ -289,13 +319,16 @@ fn parse_action_attr(attr: &Attribute) -> syn::Result<ActionSpec> {
             let lit: LitStr = meta.value()?.parse()?;
             spec.name = Some(lit.value());
             return Ok(());
+        } else if meta.path.is_ident("read") {
+            spec.read = true;
+            return Ok(());
         } else if meta.path.is_ident("detached") {
             Kind::Detached
         } else if meta.path.is_ident("blocking") {
             Kind::Blocking
         } else {
             return Err(meta.error(
-                "unknown action option: expected `name = \"...\"`, `detached` or `blocking`",
+                "unknown action option: expected `name = \"...\"`, `read`, `detached` or `blocking`",
             ));
         };
         if spec.kind != Kind::Normal && spec.kind != kind {
@@ -315,9 +348,13 @@ fn action(
     attr: &Attribute,
     method: &ImplItemFn,
     names: &mut Vec<(String, Span)>,
+    reads: &mut Vec<String>,
 ) -> syn::Result<TokenStream2> {
     let spec = parse_action_attr(attr)?;
     let name = spec.name.unwrap_or_else(|| method.sig.ident.to_string());
+    if spec.read {
+        reads.push(name.clone());
+    }
     if let Some((_, first)) = names.iter().find(|(n, _)| *n == name) {
         let mut e = syn::Error::new(
             method.sig.ident.span(),

@@ -296,7 +296,8 @@ pub mod prelude {
     pub use crate::consumer::{Consumer, Ctx, Reply};
     pub use crate::error::ApiError;
     pub use crate::permission::{
-        AllowAny, DenyAnonymous, IsAuthenticated, Permission, Permissions,
+        AllowAny, DenyAnonymous, IsAuthenticated, IsAuthenticatedOrReadOnly, Permission,
+        Permissions,
     };
     pub use crate::protocol::Frame;
     pub use crate::scope::{Scope, User};
@@ -310,7 +311,9 @@ pub mod __private {
     pub use crate::consumer::{ActionTable, Dispatched, IntoActionResult};
     pub use crate::extract::FromFrame;
     #[cfg(feature = "model")]
-    pub use crate::model::{dispatch_model, handle_instance_event, register_observers};
+    pub use crate::model::{
+        dispatch_model, handle_instance_event, model_action_reads, register_observers,
+    };
 }
 
 /// The README's examples, compiled as doctests.

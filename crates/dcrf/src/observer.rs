@@ -18,6 +18,27 @@
 //! it stayed in, and `create` for those it entered. Its body is serialized once per event, not
 //! per subscriber.
 //!
+//! # Who receives a push
+//!
+//! One rule, the same for instance subscriptions (`subscribe_instance`) and for the groups of
+//! model observers:
+//!
+//! - **At push time**, every event is offered to the connection's permissions as an action named
+//!   after the event (`create`, `update`, `delete`, or an observer's own word) on
+//!   `{"pk": <the object's primary key>}` (`{}` for events without an object), with
+//!   [`Frame::reads`](crate::Frame::reads) true: a push delivers data, it changes nothing, so
+//!   `IsAuthenticatedOrReadOnly` lets it through while a permission that refuses `update` by name
+//!   also refuses update pushes (as DCRF did). A refused push is not sent. Instance pushes are then
+//!   checked against the object: `has_object_permission(ctx, "retrieve", object)` (refused: not
+//!   sent) and `in_queryset` (outside: a 404 frame).
+//! - **At subscribe time**, a subscription that could never receive a push is refused with 403
+//!   instead of succeeding silently: [`ModelObserver::subscribe`] when none of `create`, `update`,
+//!   `delete` would pass, `subscribe_instance` when neither `update` nor `delete` would. The
+//!   subscribe action itself is permission-checked like any action (as a read).
+//!
+//! Generic observers ([`Observer::send`]) follow the push-time rule; what they push is yours, so
+//! their subscribe helper cannot tell in advance.
+//!
 //! ```
 //! # async fn f() -> Result<(), dcrf::Error> {
 //! use dcrf::model::Db;
@@ -35,7 +56,7 @@
 //! let by_owner = db.observe::<todo::Entity>("todos-by-owner")
 //!     .group_by(|t: &todo::Model| vec![t.owner.clone()])
 //!     .serialize(|t: &todo::Model, _| t.clone());
-//! // In an action: by_owner.subscribe(ctx, "alice", request_id).await;
+//! // In an action: by_owner.subscribe(ctx, "alice", request_id).await?;
 //! # let _ = by_owner;
 //! # Ok(()) }
 //! ```
@@ -52,8 +73,8 @@ use serde_json::value::RawValue;
 pub use crate::change::ChangeKind;
 use crate::change::{Change, ChangeSink, Object};
 use crate::channel::{ChannelLayer, GroupMessage};
-use crate::consumer::Ctx;
-use crate::error::Error;
+use crate::consumer::{Ctx, could_receive};
+use crate::error::{ApiError, Error};
 use crate::sync::{lock, read, write};
 
 /// A named source of events (DCRF's `@observer`): send to a group, subscribe connections.
@@ -203,8 +224,21 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
     }
 
     /// Subscribes the connection to the group of `key` (see [`Observer::subscribe`]).
-    pub async fn subscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) {
+    ///
+    /// 403 when the connection could never receive one of its pushes: its permissions allow
+    /// none of `create`, `update` and `delete` as a push (see
+    /// [who receives a push](crate::observer#who-receives-a-push)).
+    pub async fn subscribe(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        request_id: Option<&RawValue>,
+    ) -> Result<(), ApiError> {
+        if !could_receive(ctx, None, &["create", "update", "delete"]).await {
+            return Err(ApiError::permission_denied());
+        }
         self.observer.subscribe(ctx, key, request_id).await;
+        Ok(())
     }
 
     /// Unsubscribes (see [`Observer::unsubscribe`]).
@@ -256,6 +290,8 @@ where
             } else {
                 None
             };
+            let pk: Arc<RawValue> =
+                RawValue::from_string(serde_json::to_string(&(self.pk)(object))?)?.into();
             let object: Object = object.clone();
             out.push(
                 GroupMessage::new(
@@ -264,7 +300,8 @@ where
                     kind.as_str().into(),
                     body.clone(),
                 )
-                .with_object(Some(object), object_json),
+                .with_object(Some(object), object_json)
+                .with_pk(Some(pk)),
             );
             Ok(())
         };

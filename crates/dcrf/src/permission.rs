@@ -147,6 +147,46 @@ impl Permission for IsAuthenticated {
     }
 }
 
+/// Authenticated users may do everything; anonymous users may only read (DRF's
+/// `IsAuthenticatedOrReadOnly`): actions whose [`Frame::reads`] is true — a model consumer's
+/// `list`, `retrieve` and subscriptions, custom actions marked `#[action(read)]`, views mapped to
+/// `GET` — and the pushes of their subscriptions.
+///
+/// ```
+/// use dcrf::prelude::*;
+/// use dcrf::permission::IsAuthenticatedOrReadOnly;
+///
+/// #[derive(Default)]
+/// struct Books;
+///
+/// #[dcrf::consumer]
+/// impl Consumer for Books {
+///     fn permissions(&self) -> Option<Permissions> {
+///         Some(Permissions::new(IsAuthenticatedOrReadOnly))
+///     }
+///
+///     /// Anyone may ask.
+///     #[action(read)]
+///     async fn count(&mut self) -> Result<Reply<u64>, ApiError> {
+///         Ok(Reply::ok(42))
+///     }
+///
+///     /// Only signed-in users may write.
+///     #[action]
+///     async fn reset(&mut self) -> Result<Reply<()>, ApiError> {
+///         Ok(Reply::no_content())
+///     }
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IsAuthenticatedOrReadOnly;
+
+impl Permission for IsAuthenticatedOrReadOnly {
+    async fn has_permission(&self, scope: &Scope, _: &str, args: &Frame<'_>) -> bool {
+        args.reads() || scope.is_authenticated()
+    }
+}
+
 /// Anonymous users may neither connect nor act.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DenyAnonymous;
@@ -224,6 +264,7 @@ macro_rules! impl_permission_ops {
 impl_permission_ops!(AllowAny);
 impl_permission_ops!(IsAuthenticated);
 impl_permission_ops!(DenyAnonymous);
+impl_permission_ops!(IsAuthenticatedOrReadOnly);
 impl_permission_ops!(Permissions);
 impl_permission_ops!([A, B] And<A, B>);
 impl_permission_ops!([A, B] Or<A, B>);

@@ -34,6 +34,7 @@ pub struct Frame<'a> {
     action: Option<&'a RawValue>,
     request_id: Option<&'a RawValue>,
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
+    reads: bool,
 }
 
 /// Why a text frame could not be read as a request.
@@ -77,6 +78,20 @@ impl<'a> Frame<'a> {
         };
         de.end().map_err(FrameError::InvalidJson)?;
         Ok(frame)
+    }
+
+    /// Does the requested action only read (DRF's safe methods)? Model consumers' `list`,
+    /// `retrieve` and subscriptions do, custom actions marked `#[action(read)]` do, views mapped
+    /// to `GET` do, and so does every push a subscription delivers; everything else writes.
+    /// Set by the server before permissions are checked, so a permission can tell reads from
+    /// writes ([`IsAuthenticatedOrReadOnly`](crate::permission::IsAuthenticatedOrReadOnly)).
+    pub fn reads(&self) -> bool {
+        self.reads
+    }
+
+    /// Marks the frame as a read (or not).
+    pub(crate) fn set_reads(&mut self, reads: bool) {
+        self.reads = reads;
     }
 
     /// The raw `action` value, if the key was present (of any JSON type).
@@ -290,6 +305,7 @@ impl<'de> Visitor<'de> for FrameVisitor {
             action: None,
             request_id: None,
             fields: Vec::new(),
+            reads: false,
         };
         while let Some(key) = map.next_key::<Key<'de>>()? {
             let value: &'de RawValue = map.next_value()?;

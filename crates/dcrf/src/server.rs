@@ -588,6 +588,10 @@ pub(crate) async fn handle_event<C: Consumer>(consumer: &mut C, ctx: &Ctx, messa
     let Some(request_ids) = ctx.subscriptions().request_ids(&message.group) else {
         return;
     };
+    // One rule for every subscription: a push is allowed as a read of its action on its object.
+    if !crate::consumer::may_receive(ctx, &message.action, message.pk.as_deref()).await {
+        return;
+    }
     let event = Event {
         message,
         request_ids: request_ids.as_slice(),
@@ -600,7 +604,7 @@ pub(crate) async fn handle_event<C: Consumer>(consumer: &mut C, ctx: &Ctx, messa
 /// Parses one text frame and runs it: the whole DCRF dispatch order.
 pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: &str) {
     let permissions = ctx.permissions();
-    let frame = match Frame::parse(text) {
+    let mut frame = match Frame::parse(text) {
         Ok(frame) => frame,
         Err(e) => {
             let _ = ctx.send_error(&e.to_api_error(), None, None).await;
@@ -629,6 +633,7 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
             }
         },
     };
+    frame.set_reads(consumer.reads(action));
     if !permissions
         .has_permission(ctx.scope(), action, &frame)
         .await

@@ -232,6 +232,13 @@ impl ActionTable for ViewConsumer {
     async fn handle_event<'a>(&'a mut self, ctx: &'a Ctx, event: &'a Event<'a>) {
         self.on_event(ctx, event).await;
     }
+
+    /// Actions mapped to `GET` or `HEAD` read (DRF's safe methods).
+    fn reads(&self, action: &str) -> bool {
+        self.actions
+            .get(action)
+            .is_some_and(|(method, _)| method == Method::GET || method == Method::HEAD)
+    }
 }
 
 impl Consumer for ViewConsumer {}

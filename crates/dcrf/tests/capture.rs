@@ -68,7 +68,7 @@ impl Watch {
     ) -> Result<Reply<&'static str>, ApiError> {
         self.items
             .subscribe(ctx, &args.owner, frame.request_id())
-            .await;
+            .await?;
         Ok(Reply::ok("subscribed"))
     }
 

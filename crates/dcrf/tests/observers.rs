@@ -175,7 +175,7 @@ impl Watcher {
         self.obs
             .by_username
             .subscribe(ctx, &args.username, frame.request_id())
-            .await;
+            .await?;
         ctx.send_json(&json!({"request_id": raw(frame), "action": "subscribed"}))
             .await
             .ok();
@@ -207,7 +207,7 @@ impl Watcher {
         self.obs
             .custom_pk
             .subscribe(ctx, "", frame.request_id())
-            .await;
+            .await?;
         ctx.send_json(&json!({"action": "subscribed_to_all_changes", "request_id": raw(frame)}))
             .await
             .ok();
@@ -225,8 +225,8 @@ fn raw(frame: &Frame<'_>) -> Value {
 impl Consumer for Watcher {
     async fn connect(&mut self, ctx: &Ctx) -> Result<(), ApiError> {
         match self.at_connect {
-            "wrapper" => self.obs.wrapper.subscribe(ctx, "", None).await,
-            "class_serializer" => self.obs.class_serializer.subscribe(ctx, "", None).await,
+            "wrapper" => self.obs.wrapper.subscribe(ctx, "", None).await?,
+            "class_serializer" => self.obs.class_serializer.subscribe(ctx, "", None).await?,
             "logged_in" => self.obs.logged_in.subscribe(ctx, "", None).await,
             _ => {}
         }

@@ -73,6 +73,9 @@ pub struct GroupMessage {
     pub object: Option<Object>,
     /// The object as JSON, for other nodes (serialized only when the layer is remote).
     pub object_json: Option<Arc<RawValue>>,
+    /// The object's primary key, when the message is about one (model observers): pushes are
+    /// permission-checked as `{"pk": pk}`.
+    pub pk: Option<Arc<RawValue>>,
 }
 
 impl GroupMessage {
@@ -85,7 +88,14 @@ impl GroupMessage {
             body,
             object: None,
             object_json: None,
+            pk: None,
         }
+    }
+
+    /// Names the primary key of the object the message is about.
+    pub fn with_pk(mut self, pk: Option<Arc<RawValue>>) -> Self {
+        self.pk = pk;
+        self
     }
 
     /// Attaches the typed object, and its JSON for other nodes.

@@ -27,6 +27,8 @@ struct Wire<'a> {
     b: &'a RawValue,
     #[serde(borrow)]
     m: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    k: Option<&'a RawValue>,
 }
 
 /// The Redis channel of a group.
@@ -109,6 +111,7 @@ impl Broker for RedisBroker {
                 a: Cow::Borrowed(&message.action),
                 b: &message.body,
                 m: message.object_json.as_deref(),
+                k: message.pk.as_deref(),
             })?;
             let mut conn = self.publisher.clone();
             redis::cmd("PUBLISH")
@@ -154,7 +157,8 @@ fn deliver(hub: &Hub, payload: &[u8]) {
         wire.a.as_ref().into(),
         wire.b.to_owned().into(),
     )
-    .with_object(object, wire.m.map(|m| Arc::from(m.to_owned())));
+    .with_object(object, wire.m.map(|m| Arc::from(m.to_owned())))
+    .with_pk(wire.k.map(|k| Arc::from(k.to_owned())));
     hub.deliver(Arc::new(message));
 }
 
@@ -248,6 +252,7 @@ mod tests {
             a: Cow::Borrowed("update"),
             b: &body,
             m: None,
+            k: None,
         })
         .unwrap();
         let wire: Wire<'_> = serde_json::from_slice(&payload).unwrap();

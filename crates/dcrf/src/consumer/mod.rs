@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use subscriptions::Subscriptions;
-pub use subscriptions::{Event, default_push};
+pub use subscriptions::{Event, could_receive, default_push, may_receive};
 
 use crate::channel::{Delivery, Member};
 use crate::error::ApiError;
@@ -119,6 +119,12 @@ pub trait ActionTable: Send + Sized + 'static {
     /// Called once when the consumer is mounted on a route, with one instance from its factory
     /// (model consumers register their observers here).
     fn mounted(&self) {}
+
+    /// Does `action` only read (see [`Frame::reads`])? Default: no action reads.
+    fn reads(&self, action: &str) -> bool {
+        let _ = action;
+        false
+    }
 }
 
 /// A successful action's answer: `data` and a `response_status`.

@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 
 use super::Ctx;
 use crate::channel::{ChannelLayer, GroupMessage};
+use crate::protocol::Frame;
 use crate::sync::lock;
 
 /// One event as a consumer's handler sees it.
@@ -39,6 +40,35 @@ impl Event<'_> {
     pub fn object<T: 'static>(&self) -> Option<&T> {
         self.message.object.as_deref()?.downcast_ref::<T>()
     }
+}
+
+/// May this connection receive a push of `action` about the object `pk`? The consumer's
+/// permissions are asked as for an action of that name on `{"pk": pk}` (`{}` without a pk),
+/// with [`Frame::reads`] true: a push delivers data, it changes nothing. See
+/// [who receives a push](crate::observer#who-receives-a-push).
+pub async fn may_receive(ctx: &Ctx, action: &str, pk: Option<&RawValue>) -> bool {
+    let text = match pk {
+        Some(pk) => format!("{{\"pk\":{}}}", pk.get()),
+        None => "{}".to_owned(),
+    };
+    let Ok(mut frame) = Frame::parse(&text) else {
+        return false;
+    };
+    frame.set_reads(true);
+    ctx.permissions()
+        .has_permission(ctx.scope(), action, &frame)
+        .await
+}
+
+/// Could this connection ever receive a push about `pk`: is any of `actions` allowed (see
+/// [`may_receive`])? Subscriptions that could not are refused (403).
+pub async fn could_receive(ctx: &Ctx, pk: Option<&RawValue>, actions: &[&str]) -> bool {
+    for &action in actions {
+        if may_receive(ctx, action, pk).await {
+            return true;
+        }
+    }
+    false
 }
 
 /// The default push: one reply envelope per subscribing request id (or one with

@@ -398,6 +398,21 @@ pub async fn dispatch_model<C: ModelConsumer>(
     Dispatched::Handled
 }
 
+/// Does a model action only read (`list`, `retrieve`, `list_cancel`, the subscriptions)? The
+/// model half of [`Frame::reads`] for `#[dcrf::consumer(model)]`.
+#[doc(hidden)]
+pub fn model_action_reads<C: ModelConsumer>(consumer: &C, action: &str) -> bool {
+    let actions = consumer.actions();
+    match action {
+        "list" | "list_cancel" => actions.contains(ModelActions::LIST),
+        "retrieve" => actions.contains(ModelActions::RETRIEVE),
+        "subscribe_instance" | "unsubscribe_instance" => {
+            actions.contains(ModelActions::SUBSCRIBE_INSTANCE)
+        }
+        _ => false,
+    }
+}
+
 /// DCRF's `get_object`: the queryset, narrowed, then the lookup field; 404 when absent.
 ///
 /// Runs on `conn` (pass a transaction to read what you are about to write; on PostgreSQL the
@@ -713,7 +728,16 @@ async fn subscribe_instance<C: ModelConsumer>(
     let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
     check_object(c, ctx, "subscribe_instance", &object).await?;
     let key = db::pk_json::<C::Entity>(&object).to_string();
-    instance_observer(c).subscribe(ctx, &key, Some(rid)).await;
+    let pk = serde_json::value::RawValue::from_string(key.clone()).map_err(ApiError::internal)?;
+    // An existing object's pushes are updates and its delete.
+    if !crate::consumer::could_receive(ctx, Some(&pk), &["update", "delete"]).await {
+        // It could never receive a push of this object: say so now, not by silence.
+        return Err(ApiError::permission_denied());
+    }
+    instance_observer(c)
+        .observer()
+        .subscribe(ctx, &key, Some(rid))
+        .await;
     Ok(Reply::with_status((), StatusCode::CREATED))
 }
 
@@ -739,8 +763,9 @@ async fn unsubscribe_instance<C: ModelConsumer>(
 /// for events of other observers.
 ///
 /// Per subscribing request id: `update`/`create` with the serialized object (200), `delete`
-/// with `{"pk": pk}` (204). A push the consumer's permissions deny, or
-/// [`has_object_permission`](ModelConsumer::has_object_permission) refuses, sends nothing
+/// with `{"pk": pk}` (204). A push the consumer's permissions deny (checked before, for every
+/// push), or [`has_object_permission`](ModelConsumer::has_object_permission) refuses, sends
+/// nothing
 /// (DCRF sent a 403 and then the data anyway); an object no longer
 /// [`in_queryset`](ModelConsumer::in_queryset) is a 404 frame. An update whose typed object is
 /// missing (it could not be decoded on this node) cannot be checked and is not pushed.
@@ -756,26 +781,8 @@ pub async fn handle_instance_event<C: ModelConsumer>(
     {
         return false;
     }
+    // The consumer's permissions were asked already, as for every push (`may_receive`).
     let action = event.action();
-    // DCRF checks the consumer's permissions for the push as for an action on that pk.
-    let pk = event
-        .message
-        .group
-        .strip_prefix(event.observer())
-        .and_then(|rest| rest.strip_prefix(':'))
-        .unwrap_or("null");
-    let text = format!("{{\"pk\":{pk}}}");
-    let allowed = match Frame::parse(&text) {
-        Ok(frame) => {
-            ctx.permissions()
-                .has_permission(ctx.scope(), action, &frame)
-                .await
-        }
-        Err(_) => false,
-    };
-    if !allowed {
-        return true;
-    }
     if action == ChangeKind::Delete.as_str() {
         for rid in event.request_ids {
             let _ = ctx
