@@ -1,9 +1,12 @@
 //! Several `dcrf-demo` processes sharing a database and a Redis channel layer: a change made
 //! through one server reaches subscribers of the other, also after Redis restarts.
 //!
-//! Needs `REDIS_URL` (skipped with a message when unset). Uses PostgreSQL when `DATABASE_URL` is
-//! set, else a SQLite file shared by the processes. The restart test runs its own
-//! `redis-server` on a free port (skipped when the binary is missing).
+//! Every test needs Redis and fails without `REDIS_URL`, which says Redis is available here;
+//! each runs once on a SQLite file shared by the processes (`..._sqlite`) and once on a
+//! PostgreSQL schema (`..._postgres`, needs `DATABASE_URL`). The test script leaves `redis` /
+//! `postgres` tests out when the service is unavailable. Redis channels are global to a
+//! server and tests run in parallel, so each test runs a `redis-server` of its own on a free
+//! port.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -65,11 +68,28 @@ impl Drop for Demo {
     }
 }
 
+/// The database the processes of a test share.
+#[derive(Clone, Copy)]
+enum Backend {
+    /// A SQLite file in a temporary directory.
+    Sqlite,
+    /// A fresh schema of the PostgreSQL database of `DATABASE_URL`.
+    Postgres,
+}
+
 /// A database both processes can reach: a fresh PostgreSQL schema, or a SQLite file.
-async fn shared_database(tag: &str) -> (String, Option<tempdir::Dir>) {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) => (postgres_schema_url(&url).await, None),
-        Err(_) => {
+async fn shared_database(backend: Backend, tag: &str) -> (String, Option<tempdir::Dir>) {
+    match backend {
+        Backend::Postgres => {
+            let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+                panic!(
+                    "DATABASE_URL is not set: this test needs PostgreSQL; run it through \
+                     scripts/test.sh, which filters it out when PostgreSQL is unavailable"
+                )
+            });
+            (postgres_schema_url(&url).await, None)
+        }
+        Backend::Sqlite => {
             let dir = tempdir::Dir::new(tag);
             let url = format!(
                 "sqlite://{}?mode=rwc",
@@ -77,6 +97,16 @@ async fn shared_database(tag: &str) -> (String, Option<tempdir::Dir>) {
             );
             (url, Some(dir))
         }
+    }
+}
+
+/// Panics unless `REDIS_URL` is set (the mark that Redis is available here).
+fn require_redis() {
+    if std::env::var_os("REDIS_URL").is_none() {
+        panic!(
+            "REDIS_URL is not set: this test needs Redis; run it through scripts/test.sh, \
+             which filters it out when Redis is unavailable"
+        );
     }
 }
 
@@ -120,14 +150,21 @@ async fn subscribe_both(c: &mut TestClient, pk: i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_through_one_node_reaches_subscribers_of_the_other() {
-    let Ok(redis) = std::env::var("REDIS_URL") else {
-        println!("SKIPPED: REDIS_URL is not set; multi-node test not run");
-        return;
-    };
-    let (database, _dir) = shared_database("cluster").await;
-    let a = Demo::start(&database, &redis, 3);
-    let b = Demo::start(&database, &redis, 0);
+async fn redis_a_change_through_one_node_reaches_subscribers_of_the_other_sqlite() {
+    a_change_through_one_node_reaches_subscribers_of_the_other(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_change_through_one_node_reaches_subscribers_of_the_other_postgres() {
+    a_change_through_one_node_reaches_subscribers_of_the_other(Backend::Postgres).await;
+}
+
+async fn a_change_through_one_node_reaches_subscribers_of_the_other(backend: Backend) {
+    require_redis();
+    let redis = RedisServer::start_on_free_port();
+    let (database, _dir) = shared_database(backend, "cluster").await;
+    let a = Demo::start(&database, &redis.url(), 3);
+    let b = Demo::start(&database, &redis.url(), 0);
     let mut sub = TestClient::connect(&a.url("/ws/todos/")).await.unwrap();
     subscribe_both(&mut sub, 2).await;
     let mut writer = TestClient::connect(&b.url("/ws/todos/")).await.unwrap();
@@ -180,45 +217,112 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_redis(port: u16) -> Option<Child> {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(child);
+/// A `redis-server` process, killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port (trying another if the port was taken meanwhile).
+    fn start_on_free_port() -> RedisServer {
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match RedisServer::try_start(free_port()) {
+                Ok(server) => return server,
+                Err(e) => failures.push(e),
+            }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        panic!("cannot start redis-server: {failures:#?}");
     }
-    None
+
+    /// Starts `redis-server` on `port` and waits for its "Ready to accept connections" line.
+    fn start(port: u16) -> RedisServer {
+        RedisServer::try_start(port).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_start(port: u16) -> Result<RedisServer, String> {
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start redis-server (needed by this test): {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let server = RedisServer { child, port };
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        // Reads the log to the end, so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut log = Vec::new();
+            let mut ready_tx = Some(ready_tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("Ready to accept connections") {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                } else if ready_tx.is_some() {
+                    log.push(line);
+                }
+            }
+            if let Some(tx) = ready_tx {
+                let _ = tx.send(Err(log.join("\n")));
+            }
+        });
+        match ready.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => Ok(server),
+            Ok(Err(log)) => Err(format!(
+                "redis-server on port {port} exited before it was ready:\n{log}"
+            )),
+            Err(_) => Err(format!(
+                "redis-server on port {port} was not ready within 10 s"
+            )),
+        }
+    }
+
+    /// The `--layer` URL of this server.
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server and waits until it has exited (its port is closed then).
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscriptions_recover_after_redis_restarts() {
-    if std::env::var("REDIS_URL").is_err() {
-        println!("SKIPPED: REDIS_URL is not set; Redis restart test not run");
-        return;
-    }
-    let port = free_port();
-    let Some(mut redis) = start_redis(port) else {
-        println!("SKIPPED: cannot start redis-server; Redis restart test not run");
-        return;
-    };
-    let layer = format!("redis://127.0.0.1:{port}");
-    let (database, _dir) = shared_database("restart").await;
+async fn subscriptions_recover_after_redis_restarts_sqlite() {
+    subscriptions_recover_after_redis_restarts(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_recover_after_redis_restarts_postgres() {
+    subscriptions_recover_after_redis_restarts(Backend::Postgres).await;
+}
+
+async fn subscriptions_recover_after_redis_restarts(backend: Backend) {
+    require_redis();
+    let redis = RedisServer::start_on_free_port();
+    let port = redis.port;
+    let layer = redis.url();
+    let (database, _dir) = shared_database(backend, "restart").await;
     let a = Demo::start(&database, &layer, 1);
     let b = Demo::start(&database, &layer, 0);
     let mut sub = TestClient::connect(&a.url("/ws/todos/")).await.unwrap();
@@ -231,13 +335,12 @@ async fn subscriptions_recover_after_redis_restarts() {
     assert_eq!(sub.receive_json().await["data"]["owner"], json!("before"));
 
     // Restart Redis on the same port.
-    let _ = redis.kill();
-    let _ = redis.wait();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut redis = start_redis(port).expect("restart redis-server");
+    redis.stop();
+    let redis = RedisServer::start(port);
 
     // Writes go on (the database does not need Redis); pushes resume once both nodes have
-    // reconnected and resubscribed: retry until one arrives, within a few seconds.
+    // reconnected and resubscribed. Nothing outside the nodes tells when that is done, so:
+    // write again, each time waiting up to 500 ms for the push, for at most 10 s.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut n = 0;
     let push = loop {
@@ -266,6 +369,5 @@ async fn subscriptions_recover_after_redis_restarts() {
             .unwrap()
             .starts_with("after-")
     );
-    let _ = redis.kill();
-    let _ = redis.wait();
+    redis.stop();
 }

@@ -269,3 +269,207 @@ impl_permission_ops!(Permissions);
 impl_permission_ops!([A, B] And<A, B>);
 impl_permission_ops!([A, B] Or<A, B>);
 impl_permission_ops!([A] Not<A>);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::scope::User;
+
+    /// Fixed answers, and a count of how often either question was asked.
+    #[derive(Clone)]
+    struct Fixed {
+        act: bool,
+        connect: bool,
+        asked: Arc<AtomicUsize>,
+    }
+
+    impl Fixed {
+        fn new(act: bool, connect: bool) -> Self {
+            Fixed {
+                act,
+                connect,
+                asked: Arc::default(),
+            }
+        }
+        fn asked(&self) -> usize {
+            self.asked.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Permission for Fixed {
+        async fn has_permission(&self, _: &Scope, _: &str, _: &Frame<'_>) -> bool {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            self.act
+        }
+        async fn can_connect(&self, _: &Scope) -> bool {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            self.connect
+        }
+    }
+    impl_permission_ops!(Fixed);
+
+    fn anonymous() -> Scope {
+        Scope::default()
+    }
+
+    fn authenticated() -> Scope {
+        Scope {
+            user: Some(User::new("1", "ada")),
+            ..Scope::default()
+        }
+    }
+
+    /// `has_permission` for a `list` frame.
+    async fn act(p: &impl Permission, scope: &Scope) -> bool {
+        let frame = Frame::parse(r#"{"action":"list","request_id":1}"#).unwrap();
+        p.has_permission(scope, "list", &frame).await
+    }
+
+    /// `(has_permission, can_connect)` on an anonymous and on an authenticated scope.
+    async fn answers(p: &impl Permission) -> [(bool, bool); 2] {
+        let (anon, user) = (anonymous(), authenticated());
+        [
+            (act(p, &anon).await, p.can_connect(&anon).await),
+            (act(p, &user).await, p.can_connect(&user).await),
+        ]
+    }
+
+    #[tokio::test]
+    async fn built_in_permissions_on_anonymous_and_authenticated_scopes() {
+        // [(act, connect) anonymous, (act, connect) authenticated]
+        assert_eq!(answers(&AllowAny).await, [(true, true), (true, true)]);
+        // Anonymous clients may connect, but not act.
+        assert_eq!(
+            answers(&IsAuthenticated).await,
+            [(false, true), (true, true)]
+        );
+        assert_eq!(
+            answers(&DenyAnonymous).await,
+            [(false, false), (true, true)]
+        );
+        assert_eq!(
+            answers(&!DenyAnonymous).await,
+            [(true, true), (false, false)]
+        );
+    }
+
+    #[tokio::test]
+    async fn and_or_not_truth_tables_for_both_questions() {
+        let scope = anonymous();
+        for a in [false, true] {
+            for b in [false, true] {
+                // `connect` is the opposite of `act`, so a question answered with the other
+                // one's result shows.
+                let (x, y) = (Fixed::new(a, !a), Fixed::new(b, !b));
+                let and = x.clone() & y.clone();
+                assert_eq!(act(&and, &scope).await, a && b, "{a} & {b}");
+                assert_eq!(and.can_connect(&scope).await, !a && !b, "{a} & {b}");
+                let or = x.clone() | y.clone();
+                assert_eq!(act(&or, &scope).await, a || b, "{a} | {b}");
+                assert_eq!(or.can_connect(&scope).await, !a || !b, "{a} | {b}");
+            }
+            let not = !Fixed::new(a, !a);
+            assert_eq!(act(&not, &scope).await, !a, "!{a}");
+            assert_eq!(not.can_connect(&scope).await, a, "!{a}");
+        }
+        // Nested: (x & !y) | z.
+        let scope = anonymous();
+        for (x, y, z) in [
+            (true, false, false),
+            (true, true, false),
+            (false, false, true),
+            (false, true, false),
+        ] {
+            let p = (Fixed::new(x, x) & !Fixed::new(y, y)) | Fixed::new(z, z);
+            let expected = (x && !y) || z;
+            assert_eq!(act(&p, &scope).await, expected, "({x} & !{y}) | {z}");
+            assert_eq!(p.can_connect(&scope).await, expected, "({x} & !{y}) | {z}");
+        }
+    }
+
+    #[tokio::test]
+    async fn and_and_or_short_circuit() {
+        let scope = anonymous();
+        for connect in [false, true] {
+            let ask = async |p: &dyn ErasedPermission| {
+                if connect {
+                    p.can_connect_boxed(&scope).await
+                } else {
+                    let frame = Frame::parse(r#"{"action":"list"}"#).unwrap();
+                    p.has_permission_boxed(&scope, "list", &frame).await
+                }
+            };
+            // (first, operator, second) → (answer, times second was asked)
+            for (first, and, expected, second_asked) in [
+                (false, true, false, 0),
+                (true, true, false, 1),
+                (true, false, true, 0),
+                (false, false, false, 1),
+            ] {
+                // The second one answers `false`, so it decides only when it is asked.
+                let second = Fixed::new(false, false);
+                let first = Fixed::new(first, first);
+                let answer = if and {
+                    ask(&(first.clone() & second.clone())).await
+                } else {
+                    ask(&(first.clone() | second.clone())).await
+                };
+                let op = if and { "&" } else { "|" };
+                assert_eq!(
+                    answer, expected,
+                    "connect={connect}: {} {op} false",
+                    first.act
+                );
+                assert_eq!(
+                    second.asked(),
+                    second_asked,
+                    "connect={connect}: {} {op} false",
+                    first.act
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn permissions_wraps_and_composes_like_what_it_wraps() {
+        assert_eq!(
+            answers(&Permissions::new(IsAuthenticated)).await,
+            answers(&IsAuthenticated).await
+        );
+        assert_eq!(
+            answers(&Permissions::new(DenyAnonymous)).await,
+            [(false, false), (true, true)]
+        );
+        // The default is AllowAny, DCRF's default.
+        assert_eq!(
+            answers(&Permissions::default()).await,
+            [(true, true), (true, true)]
+        );
+        // The module's example: anonymous clients connect but may not act.
+        assert_eq!(
+            answers(&Permissions::new(IsAuthenticated | !AllowAny)).await,
+            [(false, true), (true, true)]
+        );
+        // Erased permissions compose with each other and with plain ones.
+        assert_eq!(
+            answers(&(Permissions::new(IsAuthenticated) | Permissions::new(AllowAny))).await,
+            [(true, true), (true, true)]
+        );
+        assert_eq!(
+            answers(&(Permissions::new(AllowAny) & DenyAnonymous)).await,
+            [(false, false), (true, true)]
+        );
+        assert_eq!(
+            answers(&!Permissions::new(AllowAny)).await,
+            [(false, false), (false, false)]
+        );
+        // A clone shares the same permission.
+        let fixed = Fixed::new(true, false);
+        let p = Permissions::new(fixed.clone());
+        let copy = p.clone();
+        assert_eq!(answers(&copy).await, [(true, false), (true, false)]);
+        assert_eq!(fixed.asked(), 4);
+    }
+}

@@ -14,11 +14,19 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+mod common;
+
+use common::Counter;
+
 /// Shared probes the test consumer reports to.
 #[derive(Default)]
 struct Probes {
     cancelled: AtomicUsize,
-    disconnected: AtomicUsize,
+    disconnected: Counter,
+    /// Actions `hold` that have started.
+    holding: Counter,
+    /// Lets one waiting action or background task go on (`notify_one`: a permit is kept when
+    /// nothing waits yet, so a release sent before the wait is not lost).
     release: Notify,
 }
 
@@ -70,6 +78,7 @@ impl TestConsumer {
 
     #[action(blocking)]
     fn test_sync_action(args: Pk) -> Result<Reply<Value>, ApiError> {
+        // Deliberate delay under test: blocking work, run off the async workers.
         std::thread::sleep(Duration::from_millis(20));
         Ok(Reply::ok(json!({ "pk": args.pk, "sync": true })))
     }
@@ -89,8 +98,18 @@ impl TestConsumer {
     /// Non-detached, slow: later frames wait for it.
     #[action]
     async fn slow(&mut self, args: Sleep) -> Result<Reply<u64>, ApiError> {
+        // Deliberate delay under test: an action that takes time, so later frames could
+        // overtake it if the reader did not run actions one at a time.
         tokio::time::sleep(Duration::from_millis(args.ms)).await;
         Ok(Reply::ok(args.ms))
+    }
+
+    /// Non-detached: says it started, then runs until the test releases it.
+    #[action]
+    async fn hold(&mut self) -> Result<Reply<&'static str>, ApiError> {
+        self.probes.holding.hit();
+        self.probes.release.notified().await;
+        Ok(Reply::ok("released"))
     }
 
     #[action(detached)]
@@ -149,12 +168,15 @@ impl TestConsumer {
         })))
     }
 
-    /// `ctx.spawn` (DCRF's `@detached` method): the reply first, the pushed frame later.
+    /// `ctx.spawn` (DCRF's `@detached` method): the reply first, the pushed frame later. The
+    /// background task waits for the test's release, so the reply can only come first if the
+    /// action does not wait for the task.
     #[action]
     async fn start_background(&mut self, ctx: &Ctx) -> Result<Reply<&'static str>, ApiError> {
         let c = ctx.clone();
+        let probes = self.probes.clone();
         ctx.spawn(async move {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            probes.release.notified().await;
             let _ = c.send_json(&json!({"waited": 1})).await;
         });
         Ok(Reply::ok("started"))
@@ -172,7 +194,7 @@ impl Consumer for TestConsumer {
         Ok(())
     }
     async fn disconnect(&mut self, _ctx: &Ctx) {
-        self.probes.disconnected.fetch_add(1, Ordering::SeqCst);
+        self.probes.disconnected.hit();
     }
 }
 
@@ -782,7 +804,7 @@ async fn detached_action_replies_later_with_its_own_action_and_request_id() {
         json!({"errors": [], "data": {"pk": 3}, "action": "test_async_action", "response_status": 200, "request_id": 2})
     );
     c.receive_nothing().await;
-    probes.release.notify_waiters();
+    probes.release.notify_one();
     assert_eq!(
         c.receive_json().await,
         json!({"errors": [], "data": {"pk": 2}, "action": "test_detached_async_action", "response_status": 200, "request_id": 1})
@@ -798,9 +820,8 @@ async fn error_in_detached_action_is_a_frame() {
     c.send_json(json!({"action": "test_async_action", "pk": 3, "request_id": 2}))
         .await;
     assert_eq!(c.receive_json().await["request_id"], json!(2));
-    // Let the detached task reach its wait, then release it.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    probes.release.notify_waiters();
+    // Released whether or not the detached task already waits (the permit is kept).
+    probes.release.notify_one();
     assert_eq!(
         c.receive_json().await,
         json!({"errors": ["Request was throttled."], "data": null, "action": "detached_throttled", "response_status": 429, "request_id": 1})
@@ -817,25 +838,22 @@ async fn detached_work_is_cancelled_on_disconnect() {
         .await;
     assert_eq!(c.receive_json().await["request_id"], json!(2));
     c.close().await;
-    for _ in 0..100 {
-        if probes.disconnected.load(Ordering::SeqCst) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Detached work is cancelled (and waited for) before the disconnect hook runs.
+    probes.disconnected.wait_for(1, "the disconnect hook").await;
     assert_eq!(probes.cancelled.load(Ordering::SeqCst), 1);
-    assert_eq!(probes.disconnected.load(Ordering::SeqCst), 1);
+    assert_eq!(probes.disconnected.get(), 1);
 }
 
 #[tokio::test]
 async fn detached_method_pushes_after_the_reply() {
-    let (s, _) = server().await;
+    let (s, probes) = server().await;
     let mut c = client(&s).await;
     assert_eq!(
         c.request(json!({"action": "start_background", "request_id": 1}))
             .await["data"],
         json!("started")
     );
+    probes.release.notify_one();
     assert_eq!(c.receive_json().await, json!({"waited": 1}));
 }
 
@@ -844,17 +862,24 @@ async fn graceful_shutdown_sends_1001_after_the_current_action() {
     let (s, probes) = server().await;
     let mut idle = client(&s).await;
     let mut busy = client(&s).await;
-    busy.send_json(json!({"action": "slow", "ms": 300, "request_id": "last"}))
+    busy.send_json(json!({"action": "hold", "request_id": "last"}))
         .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    probes.holding.wait_for(1, "the action to start").await;
     let url = s.url("/ws/test/");
-    let shutdown = tokio::spawn(s.shutdown());
-    // The in-flight action still answers, then the close frame comes.
-    assert_eq!(busy.receive_json().await["request_id"], json!("last"));
-    assert_eq!(u16::from(busy.receive_close().await.unwrap().code), 1001);
+    // Shutdown starts while the action is in flight.
+    s.app.shutdown();
     assert_eq!(u16::from(idle.receive_close().await.unwrap().code), 1001);
+    busy.receive_nothing().await;
+    let shutdown = tokio::spawn(s.shutdown());
+    probes.release.notify_one();
+    // The in-flight action still answers, then the close frame comes.
+    assert_eq!(
+        busy.receive_json().await,
+        json!({"errors": [], "data": "released", "action": "hold", "response_status": 200, "request_id": "last"})
+    );
+    assert_eq!(u16::from(busy.receive_close().await.unwrap().code), 1001);
     shutdown.await.unwrap();
-    assert_eq!(probes.disconnected.load(Ordering::SeqCst), 2);
+    assert_eq!(probes.disconnected.get(), 2);
     // Nothing listens any more.
     assert!(TestClient::connect(&url).await.is_err());
 }

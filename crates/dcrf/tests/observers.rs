@@ -6,10 +6,9 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::{
-    ThingInput, UserInput, create_user, custom_pk, delete_user, rename_user, thing, user,
+    Counter, ThingInput, UserInput, create_user, custom_pk, delete_user, rename_user, thing, user,
 };
 use dcrf::consumer::Event;
 use dcrf::model::{ChangeKind, Db, ModelActions, ModelConsumer};
@@ -128,6 +127,8 @@ struct Observers {
     class_serializer: Arc<ModelObserver<user::Model>>,
     custom_pk: Arc<ModelObserver<custom_pk::Model>>,
     logged_in: Observer,
+    /// Watcher connections that have ended (their groups left).
+    left: Arc<Counter>,
 }
 
 impl Observers {
@@ -146,6 +147,7 @@ impl Observers {
                     json!({"action": kind.as_str(), "data": m})
                 }),
             logged_in: Observer::new(db.layer(), "user_logged_in"),
+            left: Arc::default(),
         }
     }
 }
@@ -231,6 +233,11 @@ impl Consumer for Watcher {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Runs after the connection has left its groups.
+    async fn disconnect(&mut self, _: &Ctx) {
+        self.obs.left.hit();
     }
 
     async fn on_event(&mut self, ctx: &Ctx, event: &Event<'_>) {
@@ -321,7 +328,7 @@ fn user_json(u: &user::Model) -> Value {
     json!({"id": u.id, "username": u.username, "email": u.email})
 }
 
-dcrf::backend_tests!(
+common::backend_tests!(
     observer_model_instance_mixin,
     two_observer_model_instance_mixins,
     unsubscribe_observer_model_instance_mixin,
@@ -627,7 +634,7 @@ async fn model_observer_delete_wrapper(db: Db) {
 }
 
 async fn model_observer_many_connections(db: Db) {
-    let (s, _) = serve(&db).await;
+    let (s, obs) = serve(&db).await;
     let mut a = connect(&s, "/watch/wrapper/").await;
     let mut b = connect(&s, "/watch/wrapper/").await;
     let mut other = connect(&s, "/watch/class_serializer/").await;
@@ -647,7 +654,7 @@ async fn model_observer_many_connections(db: Db) {
         )
     );
     a.close().await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    obs.left.wait_for(1, "the closed connection to end").await;
     let v = create_user(&db, "test2").await;
     assert_eq!(b.receive_json().await["body"], json!({"pk": v.id}));
 }

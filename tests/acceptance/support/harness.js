@@ -67,10 +67,6 @@ function recentTraffic(n = 20) {
 
 class TimeoutError extends Error {}
 
-function sleep(ms) {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
 /** Resolves like `promise`, or fails after `ms` naming `what` and quoting recent traffic. */
 function withTimeout(promise, what, ms = REPLY_TIMEOUT_MS) {
   let timer;
@@ -287,6 +283,17 @@ async function connectClient(server, options = {}) {
   return client;
 }
 
+/**
+ * Resolves once every frame the server sent `client` before this call has been dispatched: the
+ * server handles a socket's frames and subscription events one at a time, in order, so the
+ * reply to a request sent now comes after every push of the events it has already handled (a
+ * test that has received one push of an event thereby has every other push of that event).
+ * `pk` names any existing row of `stream`.
+ */
+async function roundTrip(client, stream, pk, what = 'round-trip retrieve') {
+  await withTimeout(client.retrieve(stream, pk), what);
+}
+
 /** Closes clients made by connectClient (dcrf-client 0.3.0 sends nothing on close). */
 function closeClients(clients) {
   for (const client of clients.splice(0)) client.close();
@@ -398,7 +405,7 @@ module.exports = {
   persistentDatabase,
   recentTraffic,
   rejectionOf,
-  sleep,
+  roundTrip,
   startServer,
   uniqueName,
   withTimeout,

@@ -11,7 +11,7 @@ const {
   closeClients,
   connectClient,
   listenFrames,
-  sleep,
+  roundTrip,
   startServer,
   uniqueName,
   withTimeout,
@@ -122,7 +122,8 @@ for (const { stream, pkField } of THING_STREAMS) {
         assert.deepEqual(data, updated[i]);
         assert.deepEqual(data, thing(t[pkField], t.name, 100 + i));
       }
-      await sleep(150);
+      // Every event has been handled: anything else they pushed arrives before this reply.
+      await roundTrip(client, stream, things[0][pkField]);
       for (const [i, t] of things.entries()) {
         assert.deepEqual(
           raw[i].items.map((f) => f.payload.data[pkField]),
@@ -209,7 +210,8 @@ for (const { stream, pkField } of THING_STREAMS) {
       await withTimeout(client.patch(stream, pk, { counter: 2 }), 'patch reply');
       const [data] = await sentinel.next('sentinel update event');
       assert.deepEqual(data, thing(pk, created.name, 2));
-      await sleep(150);
+      // A push of the same event to the cancelled request id would arrive before this reply.
+      await roundTrip(client, stream, pk);
       assert.deepEqual(events.items, [], 'the unsubscribed request id still received events');
     });
   });

@@ -12,7 +12,7 @@ const {
   closeClients,
   connectClient,
   listenFrames,
-  sleep,
+  roundTrip,
   startServer,
   uniqueName,
   withTimeout,
@@ -162,7 +162,9 @@ for (const { stream, pkField } of THING_STREAMS) {
       const frame = await frames.next('update event of the followed thing');
       assert.equal(frame.payload.action, 'update');
       assert.deepEqual(frame.payload.data, thing(a[pkField], a.name, 2));
-      await sleep(150);
+      // The events of the earlier create and patch of b were handled before this one, and any
+      // other push of this one arrives before the reply.
+      await roundTrip(client, stream, a[pkField]);
       assert.deepEqual(frames.items, [], 'events for things not listed were pushed');
     });
 
@@ -189,7 +191,8 @@ for (const { stream, pkField } of THING_STREAMS) {
       await withTimeout(client.patch(stream, pk, { counter: 5 }), 'patch reply');
       const [data] = await sentinel.take(([d]) => d[pkField] === pk, 'sentinel update event');
       assert.deepEqual(data, thing(pk, created.name, 5));
-      await sleep(150);
+      // A push of the same event to the cancelled request id would arrive before this reply.
+      await roundTrip(client, stream, pk);
       assert.deepEqual(events.items, [], 'the unsubscribed request id still received events');
     });
   });

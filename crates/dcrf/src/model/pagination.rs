@@ -183,3 +183,170 @@ pub(crate) fn apply_ordering<E: EntityTrait>(
     }
     Ok(query)
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// `limit_offset` of a `list` frame with these extra fields (`r#","limit":5"#`).
+    fn read(p: LimitOffset, fields: &str) -> Result<(u64, u64), ApiError> {
+        let text = format!(r#"{{"action":"list","request_id":1{fields}}}"#);
+        let frame = Frame::parse(&text).unwrap();
+        p.limit_offset(&frame)
+    }
+
+    /// The status and `errors` of a refusal.
+    fn refusal(r: Result<(u64, u64), ApiError>) -> (u16, Vec<Value>) {
+        let e = r.expect_err("a 400");
+        (e.status().as_u16(), e.errors().to_vec())
+    }
+
+    #[test]
+    fn constructors() {
+        assert_eq!(
+            LimitOffset::new(5),
+            LimitOffset {
+                default_limit: Some(5),
+                max_limit: None
+            }
+        );
+        assert_eq!(
+            LimitOffset::new(5).max_limit(9),
+            LimitOffset {
+                default_limit: Some(5),
+                max_limit: Some(9)
+            }
+        );
+        assert_eq!(
+            LimitOffset::default(),
+            LimitOffset {
+                default_limit: None,
+                max_limit: None
+            }
+        );
+    }
+
+    #[test]
+    fn limit_numbers_and_numeric_strings() {
+        let p = LimitOffset::new(10);
+        assert_eq!(read(p, "").unwrap(), (10, 0));
+        assert_eq!(read(p, r#","limit":5"#).unwrap(), (5, 0));
+        assert_eq!(read(p, r#","limit":"5""#).unwrap(), (5, 0));
+        assert_eq!(read(p, r#","limit":" 7 ""#).unwrap(), (7, 0));
+        // Python's int() of a float truncates; of a bool is 0 or 1.
+        assert_eq!(read(p, r#","limit":2.9"#).unwrap(), (2, 0));
+        assert_eq!(read(p, r#","limit":true"#).unwrap(), (1, 0));
+        // Larger than the default is fine without a cap.
+        assert_eq!(read(p, r#","limit":500"#).unwrap(), (500, 0));
+    }
+
+    #[test]
+    fn a_limit_that_is_not_a_positive_integer_falls_back_to_the_default() {
+        let p = LimitOffset::new(10);
+        for limit in [
+            "0", r#""0""#, "-3", r#""-3""#, r#""abc""#, r#""2.5""#, r#""""#, "false", "0.5",
+        ] {
+            assert_eq!(
+                read(p, &format!(r#","limit":{limit}"#)).unwrap(),
+                (10, 0),
+                "limit {limit}"
+            );
+        }
+    }
+
+    #[test]
+    fn offsets() {
+        let p = LimitOffset::new(10);
+        assert_eq!(read(p, r#","offset":4"#).unwrap(), (10, 4));
+        assert_eq!(read(p, r#","offset":"4""#).unwrap(), (10, 4));
+        assert_eq!(read(p, r#","offset":3.7"#).unwrap(), (10, 3));
+        assert_eq!(read(p, r#","offset":0"#).unwrap(), (10, 0));
+        // Past the end is not an error here (the page is empty).
+        assert_eq!(read(p, r#","offset":1000000"#).unwrap(), (10, 1_000_000));
+        // Negative or unreadable: 0.
+        for offset in ["-1", r#""-1""#, r#""x""#, r#""1.5""#] {
+            assert_eq!(
+                read(p, &format!(r#","offset":{offset}"#)).unwrap(),
+                (10, 0),
+                "offset {offset}"
+            );
+        }
+        assert_eq!(read(p, r#","limit":"3","offset":"6""#).unwrap(), (3, 6));
+    }
+
+    #[test]
+    fn max_limit_caps_the_requested_and_the_default_limit() {
+        let p = LimitOffset::new(2).max_limit(3);
+        assert_eq!(read(p, "").unwrap(), (2, 0));
+        assert_eq!(read(p, r#","limit":1"#).unwrap(), (1, 0));
+        assert_eq!(read(p, r#","limit":3"#).unwrap(), (3, 0));
+        assert_eq!(read(p, r#","limit":5"#).unwrap(), (3, 0));
+        assert_eq!(read(p, r#","limit":"50""#).unwrap(), (3, 0));
+        assert_eq!(read(p, r#","limit":18446744073709551615"#).unwrap(), (3, 0));
+        // An invalid limit falls back to the default, which is within the cap.
+        assert_eq!(read(p, r#","limit":0"#).unwrap(), (2, 0));
+        // A default above the cap is capped too.
+        assert_eq!(read(LimitOffset::new(10).max_limit(3), "").unwrap(), (3, 0));
+    }
+
+    #[test]
+    fn null_and_containers_are_400_where_dcrf_crashes() {
+        let invalid = |field: &str| {
+            (
+                400,
+                vec![json!({ field: ["A valid integer is required."] })],
+            )
+        };
+        for p in [LimitOffset::new(10), LimitOffset::default()] {
+            for value in ["null", "[]", "[5]", "{}", r#"{"n":5}"#] {
+                assert_eq!(
+                    refusal(read(p, &format!(r#","limit":{value}"#))),
+                    invalid("limit"),
+                    "limit {value}"
+                );
+                assert_eq!(
+                    refusal(read(p, &format!(r#","limit":5,"offset":{value}"#))),
+                    invalid("offset"),
+                    "offset {value}"
+                );
+            }
+            // The limit is read first.
+            assert_eq!(
+                refusal(read(p, r#","limit":null,"offset":null"#)),
+                invalid("limit")
+            );
+        }
+    }
+
+    #[test]
+    fn no_limit_and_no_default_is_400() {
+        let required = (400, vec![json!({"limit": ["This field is required."]})]);
+        let p = LimitOffset::default();
+        assert_eq!(refusal(read(p, "")), required);
+        assert_eq!(refusal(read(p, r#","offset":3"#)), required);
+        // A limit that falls back to the (missing) default.
+        assert_eq!(refusal(read(p, r#","limit":0"#)), required);
+        assert_eq!(refusal(read(p, r#","limit":"abc""#)), required);
+        assert_eq!(refusal(read(p.max_limit(5), "")), required);
+        // A valid limit needs no default.
+        assert_eq!(read(p, r#","limit":"5""#).unwrap(), (5, 0));
+        assert_eq!(read(p.max_limit(3), r#","limit":5"#).unwrap(), (3, 0));
+    }
+
+    #[test]
+    fn positive_int_reads_like_python_int() {
+        let read = |raw: &str| positive_int(raw, "limit").unwrap();
+        assert_eq!(read("3"), Some(3));
+        assert_eq!(read("0"), Some(0));
+        assert_eq!(read("-1"), None);
+        assert_eq!(read("-0.5"), Some(0));
+        assert_eq!(read(r#""12""#), Some(12));
+        assert_eq!(read(r#""1e3""#), None);
+        assert_eq!(read("1e3"), Some(1000));
+        assert_eq!(read("true"), Some(1));
+        assert_eq!(read("false"), Some(0));
+        assert_eq!(read(r#""""#), None);
+    }
+}

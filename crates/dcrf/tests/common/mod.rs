@@ -1,6 +1,11 @@
-//! Models shared by the integration tests: DCRF's test `User` and `TestModelWithCustomPK`.
+//! Models shared by the integration tests (DCRF's test `User` and `TestModelWithCustomPK`),
+//! the SQLite + PostgreSQL test generator [`backend_tests!`], and [`Counter`], a count tests
+//! wait on.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros, unused_imports)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use dcrf::model::Db;
 use sea_orm::ActiveValue::Set;
@@ -147,3 +152,91 @@ pub async fn delete_user(db: &Db, user: &user::Model) {
     txn.delete(user.clone()).await.unwrap();
     txn.commit().await.unwrap();
 }
+
+/// How long [`Counter::wait_for`] waits before failing the test.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A count the code under test increments (`hit`) and a test waits on (`wait_for`): a
+/// notification with memory, so a hit before the wait is not lost.
+#[derive(Debug, Default)]
+pub struct Counter {
+    n: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Counter {
+    /// Counts one more and wakes the waiters.
+    pub fn hit(&self) {
+        self.n.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> usize {
+        self.n.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the count reaches `n`; fails the test after [`WAIT`].
+    pub async fn wait_for(&self, n: usize, what: &str) {
+        self.wait_for_within(n, WAIT, what).await;
+    }
+
+    /// Waits until the count reaches `n`; fails the test after `limit`.
+    pub async fn wait_for_within(&self, n: usize, limit: Duration, what: &str) {
+        let reached = tokio::time::timeout(limit, async {
+            loop {
+                // Registered before the check, so a hit between the check and the await wakes
+                // this waiter.
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.get() >= n {
+                    return;
+                }
+                changed.await;
+            }
+        })
+        .await;
+        assert!(
+            reached.is_ok(),
+            "timed out after {limit:?} waiting for {what} (count {} of {n})",
+            self.get()
+        );
+    }
+}
+
+/// A fresh schema in the PostgreSQL database of `DATABASE_URL`; panics when it is unset.
+pub async fn postgres_db() -> Db {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "DATABASE_URL is not set: this test needs PostgreSQL; run it through \
+             scripts/test.sh, which filters it out when PostgreSQL is unavailable"
+        )
+    });
+    dcrf::testing::postgres_schema(&url).await
+}
+
+/// Runs each scenario `async fn name(db: Db)` as two tests: `name::sqlite` on a fresh
+/// in-memory SQLite database and `name::postgres` on a fresh PostgreSQL schema. The PostgreSQL
+/// one fails without `DATABASE_URL` instead of passing without running (the test script
+/// leaves `postgres` tests out when PostgreSQL is unavailable, so the skip shows there).
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                let db = ::dcrf::model::Db::connect("sqlite::memory:")
+                    .await
+                    .expect("in-memory sqlite");
+                super::$name(db).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                let db = $crate::common::postgres_db().await;
+                super::$name(db.clone()).await;
+                ::dcrf::testing::drop_test_db(db).await;
+            }
+        }
+    )*};
+}
+pub(crate) use backend_tests;
