@@ -76,42 +76,7 @@ async fn whoami_is_null_anonymous_and_the_user_with_a_jwt() {
     );
 }
 
-/// Runs each scenario `async fn name(db: Db)` as `name::sqlite` (in-memory SQLite) and
-/// `name::postgres` (a fresh schema of `DATABASE_URL`). The PostgreSQL one fails without
-/// `DATABASE_URL` instead of passing without running (the test script leaves `postgres` tests
-/// out when PostgreSQL is unavailable, so the skip shows there).
-macro_rules! backend_tests {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                let db = dcrf::model::Db::connect("sqlite::memory:")
-                    .await
-                    .expect("in-memory sqlite");
-                super::$name(db).await;
-            }
-            #[tokio::test]
-            async fn postgres() {
-                let db = super::postgres_db().await;
-                super::$name(db.clone()).await;
-                dcrf::testing::drop_test_db(db).await;
-            }
-        }
-    )*};
-}
-
-/// A fresh schema in the PostgreSQL database of `DATABASE_URL`; panics when it is unset.
-async fn postgres_db() -> Db {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "DATABASE_URL is not set: this test needs PostgreSQL; run it through \
-             scripts/test.sh, which filters it out when PostgreSQL is unavailable"
-        )
-    });
-    dcrf::testing::postgres_schema(&url).await
-}
-
-backend_tests!(todos_crud);
+dcrf::backend_tests!(todos_crud);
 
 async fn todos_crud(db: Db) {
     // The demo's own consumer and table, on the test's database (SQLite or a PostgreSQL
@@ -249,7 +214,7 @@ async fn binary_starts_serves_and_shuts_down_gracefully() {
     assert_eq!(rest, vec!["dcrf-demo stopped".to_owned()]);
 }
 
-backend_tests!(todos_subscriptions);
+dcrf::backend_tests!(todos_subscriptions);
 
 async fn todos_subscriptions(db: Db) {
     dcrf_demo::todos::setup(&db, 2).await.unwrap();

@@ -167,7 +167,7 @@ fn err(action: &str, rid: Value, status: u16, errors: Value) -> Value {
     json!({"errors": errors, "data": null, "action": action, "response_status": status, "request_id": rid})
 }
 
-common::backend_tests!(
+dcrf::backend_tests!(
     generic_consumer,
     create_mixin,
     list_mixin,

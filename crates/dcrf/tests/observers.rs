@@ -328,7 +328,7 @@ fn user_json(u: &user::Model) -> Value {
     json!({"id": u.id, "username": u.username, "email": u.email})
 }
 
-common::backend_tests!(
+dcrf::backend_tests!(
     observer_model_instance_mixin,
     two_observer_model_instance_mixins,
     unsubscribe_observer_model_instance_mixin,

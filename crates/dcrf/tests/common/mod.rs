@@ -1,6 +1,5 @@
 //! Models shared by the integration tests (DCRF's test `User` and `TestModelWithCustomPK`),
-//! the SQLite + PostgreSQL test generator [`backend_tests!`], and [`Counter`], a count tests
-//! wait on.
+//! and [`Counter`], a count tests wait on.
 
 #![allow(dead_code, unused_macros, unused_imports)]
 
@@ -204,39 +203,3 @@ impl Counter {
         );
     }
 }
-
-/// A fresh schema in the PostgreSQL database of `DATABASE_URL`; panics when it is unset.
-pub async fn postgres_db() -> Db {
-    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
-        panic!(
-            "DATABASE_URL is not set: this test needs PostgreSQL; run it through \
-             scripts/test.sh, which filters it out when PostgreSQL is unavailable"
-        )
-    });
-    dcrf::testing::postgres_schema(&url).await
-}
-
-/// Runs each scenario `async fn name(db: Db)` as two tests: `name::sqlite` on a fresh
-/// in-memory SQLite database and `name::postgres` on a fresh PostgreSQL schema. The PostgreSQL
-/// one fails without `DATABASE_URL` instead of passing without running (the test script
-/// leaves `postgres` tests out when PostgreSQL is unavailable, so the skip shows there).
-macro_rules! backend_tests {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test]
-            async fn sqlite() {
-                let db = ::dcrf::model::Db::connect("sqlite::memory:")
-                    .await
-                    .expect("in-memory sqlite");
-                super::$name(db).await;
-            }
-            #[tokio::test]
-            async fn postgres() {
-                let db = $crate::common::postgres_db().await;
-                super::$name(db.clone()).await;
-                ::dcrf::testing::drop_test_db(db).await;
-            }
-        }
-    )*};
-}
-pub(crate) use backend_tests;
