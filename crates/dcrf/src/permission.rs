@@ -61,7 +61,7 @@ pub trait Permission: Send + Sync + 'static {
 
 /// A permission behind a pointer: what consumers and the application store.
 #[derive(Clone)]
-pub struct Permissions(Arc<dyn ErasedPermission>);
+pub struct Permissions(Arc<dyn ErasedPermission>, bool);
 
 impl std::fmt::Debug for Permissions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,7 +72,13 @@ impl std::fmt::Debug for Permissions {
 impl Permissions {
     /// Wraps any permission (or composition of permissions).
     pub fn new<P: Permission>(p: P) -> Self {
-        Permissions(Arc::new(p))
+        let allow_any = std::any::TypeId::of::<P>() == std::any::TypeId::of::<AllowAny>();
+        Permissions(Arc::new(p), allow_any)
+    }
+
+    /// Is this [`AllowAny`], which needs no asking (the push path skips building a frame)?
+    pub(crate) fn allows_everything(&self) -> bool {
+        self.1
     }
 
     /// See [`Permission::has_permission`].
