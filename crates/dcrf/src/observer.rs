@@ -134,15 +134,18 @@ impl Observer {
     }
 
     /// Unsubscribes: with a request id, removes that id from the group (the connection stays
-    /// a member while other ids remain); without, leaves the group.
-    pub fn unsubscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) {
+    /// a member while other ids remain); without, leaves the group. Returns whether anything was
+    /// subscribed under that key (and id): an unsubscribe with a request id that never
+    /// subscribed removes nothing, and an action can answer so.
+    pub fn unsubscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) -> bool {
         let group = self.group(key);
-        if ctx
+        let (removed, leave) = ctx
             .subscriptions()
-            .remove(&group, request_id.map(|r| r.get()))
-        {
+            .remove(&group, request_id.map(|r| r.get()));
+        if leave {
             self.layer.group_discard(&group, ctx.connection_id());
         }
+        removed
     }
 
     /// Removes `request_id` from every group of this observer on the connection (DCRF's
@@ -241,9 +244,9 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
         Ok(())
     }
 
-    /// Unsubscribes (see [`Observer::unsubscribe`]).
-    pub fn unsubscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) {
-        self.observer.unsubscribe(ctx, key, request_id);
+    /// Unsubscribes (see [`Observer::unsubscribe`]); returns whether anything was subscribed.
+    pub fn unsubscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) -> bool {
+        self.observer.unsubscribe(ctx, key, request_id)
     }
 
     fn groups(&self, object: &M) -> Vec<String> {

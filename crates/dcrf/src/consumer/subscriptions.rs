@@ -130,26 +130,28 @@ impl Subscriptions {
         }
     }
 
-    /// Forgets `request_id` in `group` (or the whole group without one); true when the
-    /// connection should leave the group.
-    pub(crate) fn remove(&self, group: &str, request_id: Option<&str>) -> bool {
+    /// Forgets `request_id` in `group` (or the whole group without one). Returns (was anything
+    /// removed, should the connection leave the group).
+    pub(crate) fn remove(&self, group: &str, request_id: Option<&str>) -> (bool, bool) {
         let mut groups = lock(&self.groups);
         let Some(sub) = groups.get_mut(group) else {
-            return false;
+            return (false, false);
         };
         match request_id {
             Some(rid) => {
+                let before = sub.request_ids.len();
                 Arc::make_mut(&mut sub.request_ids).retain(|r| r.get() != rid);
+                let removed = sub.request_ids.len() != before;
                 if sub.request_ids.is_empty() {
                     groups.remove(group);
-                    true
+                    (removed, true)
                 } else {
-                    false
+                    (removed, false)
                 }
             }
             None => {
                 groups.remove(group);
-                true
+                (true, true)
             }
         }
     }
@@ -220,11 +222,15 @@ mod tests {
         let (o, g): (Arc<str>, Arc<str>) = ("o".into(), "o:1".into());
         s.add(&o, &g, Some(&rid("1")), &layer);
         s.add(&o, &g, Some(&rid("2")), &layer);
-        assert!(!s.remove("o:1", Some("1")));
-        assert!(!s.remove("o:1", Some("9")), "an unknown id removes nothing");
-        assert!(s.remove("o:1", Some("2")));
+        assert_eq!(s.remove("o:1", Some("1")), (true, false));
+        assert_eq!(
+            s.remove("o:1", Some("9")),
+            (false, false),
+            "an unknown id removes nothing"
+        );
+        assert_eq!(s.remove("o:1", Some("2")), (true, true));
         assert_eq!(ids(&s, "o:1"), None);
-        assert!(!s.remove("o:1", None));
+        assert_eq!(s.remove("o:1", None), (false, false));
     }
 
     #[test]
@@ -238,7 +244,7 @@ mod tests {
         assert!(poisoned.is_err() && s.groups.is_poisoned());
         s.add(&"o".into(), &"o:1".into(), Some(&rid("1")), &layer);
         assert_eq!(ids(&s, "o:1"), Some(vec!["1".into()]), "nothing dropped");
-        assert!(s.remove("o:1", Some("1")));
+        assert_eq!(s.remove("o:1", Some("1")), (true, true));
     }
 
     #[test]
