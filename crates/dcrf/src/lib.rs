@@ -38,7 +38,7 @@
 //!
 //! The pieces, each in its module:
 //! - [`protocol`]: the frame and the reply envelope;
-//! - [`consumer`](mod@consumer): [`Consumer`] hooks, [`Ctx`], [`Reply`], and the action table;
+//! - [`consumer`](mod@consumer): [`Consumer`] hooks, [`Ctx`], [`Reply`], subscription events;
 //! - [`permission`]: [`Permission`](permission::Permission) and its `&`, `|`, `!`;
 //! - [`auth`]: token and JWT authentication at the handshake;
 //! - [`server`]: application settings ([`Dcrf`]), mounting, the connection task, shutdown;
