@@ -599,3 +599,143 @@ fn owned_parameters(kind: Kind, ident: &syn::Ident) -> TokenStream2 {
         fn __dcrf_parameter_must_be_send<T: Send>(_: &T) {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The expansion of `block` as one line of tokens, and its errors.
+    fn expand_str(model: bool, block: ItemImpl) -> (String, String) {
+        let mut errors = Errors::default();
+        let tokens = expand(&ConsumerArgs { model }, block, &mut errors);
+        (tokens.to_string(), errors.into_compile_errors().to_string())
+    }
+
+    #[test]
+    fn the_consumer_trait_is_recognised_in_every_spelling_and_only_it() {
+        for path in [
+            quote!(Consumer),
+            quote!(dcrf::Consumer),
+            quote!(::dcrf::Consumer),
+            quote!(dcrf::consumer::Consumer),
+            quote!(::dcrf::consumer::Consumer),
+        ] {
+            assert!(
+                is_consumer_trait(&syn::parse2(path.clone()).unwrap()),
+                "{path}"
+            );
+        }
+        for path in [
+            quote!(::Consumer),
+            quote!(other::Consumer),
+            quote!(Consumer<T>),
+            quote!(Permission),
+        ] {
+            assert!(
+                !is_consumer_trait(&syn::parse2(path.clone()).unwrap()),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn actions_become_one_match_through_the_private_paths() {
+        let (out, errors) = expand_str(
+            false,
+            syn::parse_quote! {
+                impl Greeter {
+                    #[action]
+                    async fn greet(&mut self, args: Greet) -> Result<Reply<String>, ApiError> { todo() }
+                    #[action(name = "count", read)]
+                    async fn count_them(&self) -> Result<Reply<u64>, ApiError> { todo() }
+                    fn helper(&self) {}
+                }
+            },
+        );
+        assert_eq!(errors, "");
+        assert!(out.contains("\"greet\" =>"), "{out}");
+        assert!(out.contains("\"count\" =>"), "{out}");
+        assert!(
+            out.contains(":: dcrf :: __private :: ActionTable for Greeter"),
+            "{out}"
+        );
+        assert!(out.contains(":: dcrf :: __private :: FromFrame"), "{out}");
+        // Only the read action reads; without `model` nothing else does.
+        assert!(out.contains("\"count\" => true"), "{out}");
+        assert!(out.contains("_ => false"), "{out}");
+        // The helper stays, the `#[action]` attributes are gone, no public model path is named.
+        assert!(out.contains("fn helper"), "{out}");
+        assert!(!out.contains("# [action"), "{out}");
+        assert!(!out.contains(":: dcrf :: model"), "{out}");
+        // The inherent form writes no `impl Consumer`.
+        assert!(!out.contains("Consumer for Greeter"), "{out}");
+    }
+
+    #[test]
+    fn the_model_option_falls_back_to_the_model_actions() {
+        let (out, errors) = expand_str(true, syn::parse_quote! { impl Todos {} });
+        assert_eq!(errors, "");
+        assert!(
+            out.contains(":: dcrf :: __private :: dispatch_model"),
+            "{out}"
+        );
+        assert!(
+            out.contains(":: dcrf :: __private :: handle_instance_event"),
+            "{out}"
+        );
+        assert!(
+            out.contains(":: dcrf :: __private :: register_observers"),
+            "{out}"
+        );
+        assert!(
+            out.contains(":: dcrf :: __private :: model_action_reads"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn the_one_block_form_splits_actions_from_hooks() {
+        let (out, errors) = expand_str(
+            false,
+            syn::parse_quote! {
+                impl Consumer for Greeter {
+                    fn permissions(&self) -> Option<Permissions> { None }
+                    #[action]
+                    async fn greet(&mut self) -> Result<Reply<()>, ApiError> { todo() }
+                }
+            },
+        );
+        assert_eq!(errors, "");
+        let inherent = out.find("impl Greeter").expect("an inherent impl");
+        let hooks = out
+            .find("impl Consumer for Greeter")
+            .expect("the hooks' impl");
+        let greet = out.find("fn greet").unwrap();
+        let permissions = out.find("fn permissions").unwrap();
+        assert!(
+            inherent < greet && greet < hooks,
+            "the action moves to `impl Greeter`: {out}"
+        );
+        assert!(
+            hooks < permissions,
+            "the hook stays in `impl Consumer`: {out}"
+        );
+    }
+
+    #[test]
+    fn every_error_of_a_block_is_reported_together() {
+        let (_, errors) = expand_str(
+            false,
+            syn::parse_quote! {
+                impl Greeter {
+                    #[action]
+                    fn not_async(&mut self) -> Result<(), ApiError> { Ok(()) }
+                    #[action(detached)]
+                    async fn borrows(&self) -> Result<(), ApiError> { Ok(()) }
+                }
+            },
+        );
+        assert!(errors.contains("an action is an `async fn`"), "{errors}");
+        assert!(errors.contains("cannot borrow the consumer"), "{errors}");
+    }
+}
