@@ -361,8 +361,18 @@ pub async fn dispatch_model<C: ModelConsumer>(
         }
         "list_cancel" if actions.contains(ModelActions::LIST) && streamed => {
             if let Some(streams) = ctx.extension::<ListStreams>() {
-                for token in std::mem::take(&mut *crate::sync::lock(&streams.0)) {
-                    token.cancel();
+                let running = std::mem::take(&mut *crate::sync::lock(&streams.0));
+                for stream in &running {
+                    stream.cancel.cancel();
+                }
+                // Reply only once every stream has stopped, so no page follows the reply. A
+                // cancelled stream stops at its next poll, even while waiting to send.
+                for stream in running {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        stream.stopped.cancelled_owned(),
+                    )
+                    .await;
                 }
             }
             ctx.finish(action, rid, Ok::<_, ApiError>(Reply::ok(())))
@@ -518,7 +528,13 @@ async fn list<C: ModelConsumer>(
 
 /// The streams of a connection, for `list_cancel`.
 #[derive(Clone, Default)]
-struct ListStreams(Arc<Mutex<Vec<CancellationToken>>>);
+struct ListStreams(Arc<Mutex<Vec<ListStream>>>);
+
+/// One streamed list: how to stop it, and the sign that it has.
+struct ListStream {
+    cancel: CancellationToken,
+    stopped: CancellationToken,
+}
 
 fn start_stream<C: ModelConsumer>(c: &C, ctx: &Ctx, frame: &Frame<'_>) -> Result<(), ApiError> {
     let (Some(p), Some(pause)) = (c.pagination(), c.stream_list()) else {
@@ -535,15 +551,21 @@ fn start_stream<C: ModelConsumer>(c: &C, ctx: &Ctx, frame: &Frame<'_>) -> Result
         }
     };
     let token = CancellationToken::new();
+    let stopped = CancellationToken::new();
     {
         let mut v = crate::sync::lock(&streams.0);
-        v.retain(|t| !t.is_cancelled());
-        v.push(token.clone());
+        v.retain(|s| !s.stopped.is_cancelled());
+        v.push(ListStream {
+            cancel: token.clone(),
+            stopped: stopped.clone(),
+        });
     }
     let db = c.db().clone();
     let task_ctx = ctx.clone();
     let rid: Option<Box<serde_json::value::RawValue>> = frame.request_id().map(|r| r.to_owned());
     ctx.spawn(async move {
+        // Whatever ends the task (its last page, a cancel, the connection), it says so.
+        let _stopped = stopped.drop_guard();
         let run = async {
             loop {
                 tokio::time::sleep(pause).await;
@@ -572,8 +594,9 @@ fn start_stream<C: ModelConsumer>(c: &C, ctx: &Ctx, frame: &Frame<'_>) -> Result
             }
         };
         tokio::select! {
+            biased;
             _ = token.cancelled() => {}
-            _ = run => { token.cancel(); }
+            _ = run => {}
         }
     });
     Ok(())
