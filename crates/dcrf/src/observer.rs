@@ -280,22 +280,19 @@ where
         let old_groups = old.as_deref().map(|m| self.groups(m)).unwrap_or_default();
         let new_groups = new.as_deref().map(|m| self.groups(m)).unwrap_or_default();
         let remote = self.observer.layer().is_remote();
-        let mut out = Vec::new();
-        let mut push = |key: &str,
-                        kind: ChangeKind,
-                        object: &Arc<M>,
-                        body: &Arc<RawValue>|
-         -> Result<(), Error> {
-            let object_json = if remote {
-                Some(Arc::from(RawValue::from_string(serde_json::to_string(
-                    &**object,
-                )?)?))
+        // What every message about one object shares, built once per object, not per group.
+        let encode = |object: &Arc<M>| -> Result<Encoded, Error> {
+            let json = if remote {
+                Some(RawValue::from_string(serde_json::to_string(&**object)?)?.into())
             } else {
                 None
             };
-            let pk: Arc<RawValue> =
-                RawValue::from_string(serde_json::to_string(&(self.pk)(object))?)?.into();
+            let pk = RawValue::from_string(serde_json::to_string(&(self.pk)(object))?)?.into();
             let object: Object = object.clone();
+            Ok(Encoded { object, json, pk })
+        };
+        let mut out = Vec::new();
+        let mut push = |key: &str, kind: ChangeKind, object: &Encoded, body: &Arc<RawValue>| {
             out.push(
                 GroupMessage::new(
                     self.observer.id.clone(),
@@ -303,10 +300,9 @@ where
                     kind.as_str().into(),
                     body.clone(),
                 )
-                .with_object(Some(object), object_json)
-                .with_pk(Some(pk)),
+                .with_object(Some(object.object.clone()), object.json.clone())
+                .with_pk(Some(object.pk.clone())),
             );
-            Ok(())
         };
         if let Some(old) = &old {
             let left: Vec<&String> = old_groups
@@ -314,30 +310,42 @@ where
                 .filter(|g| !new_groups.contains(g))
                 .collect();
             if !left.is_empty() {
+                let encoded = encode(old)?;
                 let body = self.body(old, ChangeKind::Delete)?;
                 for key in left {
-                    push(key, ChangeKind::Delete, old, &body)?;
+                    push(key, ChangeKind::Delete, &encoded, &body);
                 }
             }
         }
         if let Some(new) = &new {
             let (stayed, entered): (Vec<&String>, Vec<&String>) =
                 new_groups.iter().partition(|g| old_groups.contains(g));
-            if !stayed.is_empty() {
-                let body = self.body(new, ChangeKind::Update)?;
-                for key in stayed {
-                    push(key, ChangeKind::Update, new, &body)?;
+            if !stayed.is_empty() || !entered.is_empty() {
+                let encoded = encode(new)?;
+                if !stayed.is_empty() {
+                    let body = self.body(new, ChangeKind::Update)?;
+                    for key in stayed {
+                        push(key, ChangeKind::Update, &encoded, &body);
+                    }
                 }
-            }
-            if !entered.is_empty() {
-                let body = self.body(new, ChangeKind::Create)?;
-                for key in entered {
-                    push(key, ChangeKind::Create, new, &body)?;
+                if !entered.is_empty() {
+                    let body = self.body(new, ChangeKind::Create)?;
+                    for key in entered {
+                        push(key, ChangeKind::Create, &encoded, &body);
+                    }
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// The parts of a group message that depend only on its object.
+struct Encoded {
+    object: Object,
+    /// The object as JSON, for other nodes (remote layers only).
+    json: Option<Arc<RawValue>>,
+    pk: Arc<RawValue>,
 }
 
 /// A model observer without its model type, as the commit path sees it.
