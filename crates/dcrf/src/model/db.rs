@@ -302,15 +302,13 @@ impl Txn {
 
     /// Records a change, merging it with an earlier one of the same object (see
     /// [`ChangeSet`]); nothing is recorded for a table nobody observes.
-    fn record<E: EntityTrait>(
+    fn record(
         &mut self,
         kind: ChangeKind,
         old: Option<Object>,
         new: Option<Object>,
         key: (&'static str, String),
-    ) where
-        E::Model: Send + Sync + 'static,
-    {
+    ) {
         if self.db.observed(key.0) {
             self.changes.record(key, kind, old, new);
         }
@@ -338,7 +336,7 @@ impl Txn {
         let model = am.insert(&self.txn).await?;
         let key = Self::key::<A::Entity>(&model);
         let new: Object = Arc::new(model.clone());
-        self.record::<A::Entity>(ChangeKind::Create, None, Some(new), key);
+        self.record(ChangeKind::Create, None, Some(new), key);
         Ok(model)
     }
 
@@ -352,7 +350,7 @@ impl Txn {
         let model = am.update(&self.txn).await?;
         let key = Self::key::<A::Entity>(&model);
         let new: Object = Arc::new(model.clone());
-        self.record::<A::Entity>(ChangeKind::Update, old, Some(new), key);
+        self.record(ChangeKind::Update, old, Some(new), key);
         Ok(model)
     }
 
@@ -395,7 +393,7 @@ impl Txn {
         let key = Self::key::<M::Entity>(&model);
         let old: Object = Arc::new(model.clone());
         model.into_active_model().delete(&self.txn).await?;
-        self.record::<M::Entity>(ChangeKind::Delete, Some(old), None, key);
+        self.record(ChangeKind::Delete, Some(old), None, key);
         Ok(())
     }
 
@@ -444,7 +442,7 @@ impl Txn {
             for model in after {
                 let key = Self::key::<E>(&model);
                 let old = old_by_key.remove(&key.1).map(|m| Arc::new(m) as Object);
-                self.record::<E>(
+                self.record(
                     ChangeKind::Update,
                     old,
                     Some(Arc::new(model) as Object),
@@ -484,7 +482,7 @@ impl Txn {
         let result = E::delete_many().filter(condition).exec(&self.txn).await?;
         for model in before {
             let key = Self::key::<E>(&model);
-            self.record::<E>(
+            self.record(
                 ChangeKind::Delete,
                 Some(Arc::new(model) as Object),
                 None,
