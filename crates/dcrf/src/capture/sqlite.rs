@@ -56,12 +56,8 @@ impl DbOptions {
 
 /// Activates the hooks of a database prepared with [`DbOptions::capture`].
 pub(super) fn start(capture: Capture) -> Result<CaptureHandle, Error> {
-    let Some(state) = CaptureState::of(&capture.db) else {
-        return Err(Error::configuration(
-            "SQLite change capture needs a database opened with Db::options(url).capture()",
-        ));
-    };
-    let Some(shared) = state.sqlite.clone() else {
+    let prepared = CaptureState::of(&capture.db).and_then(|s| Some((s, s.sqlite.clone()?)));
+    let Some((state, shared)) = prepared else {
         return Err(Error::configuration(
             "SQLite change capture needs a database opened with Db::options(url).capture()",
         ));
