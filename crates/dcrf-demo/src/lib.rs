@@ -4,8 +4,9 @@
 //! - `/ws/echo/`: `echo` (returns every field but `action` and `request_id`) and `whoami`
 //!   (the user, or null);
 //! - `/ws/todos/`: the `todo` model: list (paginated), retrieve, create, update, patch, delete,
-//!   subscribe_instance / unsubscribe_instance, subscribe_to_all / unsubscribe_from_all,
-//!   bulk_set_done;
+//!   subscribe_instance / unsubscribe_instance, subscribe_list / unsubscribe_list (live lists),
+//!   subscribe_to_all / unsubscribe_from_all, bulk_set_done; every push carries its stream
+//!   `position` and every subscribe accepts `since` (see the delivery guarantees in `docs/`);
 //! - `/ws`: the multiplexed socket (`{"stream": S, "payload": ...}`) with streams `things`,
 //!   `things_with_id`, `todos`, `echo` and `api`;
 //! - `/api/todos`, `/api/todos/{id}`, `/api/whoami`: plain HTTP, also served over the socket at

@@ -88,16 +88,20 @@ pub trait ThingRepr:
     const MANY: &'static str;
     /// The observer id of `subscribe_instance` for this representation.
     const INSTANCE: &'static str;
+    /// The observer id of `subscribe_list` for this representation.
+    const LIST: &'static str;
 }
 
 impl ThingRepr for ThingWithPk {
     const MANY: &'static str = "things.many.pk";
     const INSTANCE: &'static str = "things.instance.pk";
+    const LIST: &'static str = "things.list.pk";
 }
 
 impl ThingRepr for thing::Model {
     const MANY: &'static str = "things.many.id";
     const INSTANCE: &'static str = "things.instance.id";
+    const LIST: &'static str = "things.list.id";
 }
 
 /// CRUD, instance subscriptions and `subscribe_many` over `thing`, in representation `R`.
@@ -157,11 +161,15 @@ impl<R: ThingRepr> ModelConsumer for Things<R> {
     }
 
     fn actions(&self) -> ModelActions {
-        ModelActions::ALL | ModelActions::SUBSCRIBE_INSTANCE
+        ModelActions::ALL | ModelActions::SUBSCRIBE_INSTANCE | ModelActions::SUBSCRIBE_LIST
     }
 
     fn instance_observer_id(&self) -> String {
         R::INSTANCE.to_owned()
+    }
+
+    fn list_observer_id(&self) -> String {
+        R::LIST.to_owned()
     }
 }
 

@@ -55,7 +55,8 @@ pub struct TodoInput {
 }
 
 /// list / retrieve / create / update / patch / delete over `todo`, instance subscriptions,
-/// subscriptions to every change, and a bulk update; open to anyone.
+/// live lists (`subscribe_list`), subscriptions to every change, and a bulk update; open to
+/// anyone. Every push carries its stream `position`; every subscribe accepts `since`.
 #[derive(Debug, Clone)]
 pub struct Todos {
     /// The database.
@@ -114,7 +115,7 @@ impl ModelConsumer for Todos {
     }
 
     fn actions(&self) -> ModelActions {
-        ModelActions::ALL | ModelActions::SUBSCRIBE_INSTANCE
+        ModelActions::ALL | ModelActions::SUBSCRIBE_INSTANCE | ModelActions::SUBSCRIBE_LIST
     }
 
     fn pagination(&self) -> Option<LimitOffset> {

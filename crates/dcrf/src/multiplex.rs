@@ -268,6 +268,14 @@ impl Session for MuxSession {
         })
     }
 
+    fn catch_up(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for stream in self.streams.values_mut() {
+                stream.catch_up().await;
+            }
+        })
+    }
+
     fn finish(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             for stream in self.streams.values_mut() {

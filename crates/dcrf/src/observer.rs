@@ -73,7 +73,8 @@ use serde_json::value::RawValue;
 pub use crate::change::ChangeKind;
 use crate::change::{Change, ChangeSink, Object};
 use crate::channel::{ChannelLayer, GroupMessage};
-use crate::consumer::{Ctx, could_receive};
+pub(crate) use crate::channel::Decoder;
+use crate::consumer::{Ctx, Joined, could_receive};
 use crate::error::{ApiError, Error};
 use crate::sync::{lock, read, write};
 
@@ -126,11 +127,17 @@ impl Observer {
     /// the pushes. Subscribing twice with the same request id is a no-op. Returns once the
     /// subscription is live on every node: a change committed after this returns reaches the
     /// connection.
-    pub async fn subscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) {
+    ///
+    /// The action's reply gets the stream's `position`. When the frame carries
+    /// `"since": {"epoch": …, "offset": n}`, the reply also gets `"recovered": true` and the
+    /// pushes after `n` are sent right after the reply, or `"recovered": false` when the
+    /// stream's history no longer holds them (a `since` that is not a position is one it cannot
+    /// hold). See [delivery guarantees](crate::channel#delivery).
+    pub async fn subscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) -> Joined {
         let group = self.group(key);
         ctx.subscriptions()
-            .add(&self.id, &group, request_id, &self.layer);
-        self.layer.group_add(&group, &ctx.member()).await;
+            .join(ctx, &self.id, &group, request_id, &self.layer)
+            .await
     }
 
     /// Unsubscribes: with a request id, removes that id from the group (the connection stays
@@ -226,7 +233,8 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
         &self.observer
     }
 
-    /// Subscribes the connection to the group of `key` (see [`Observer::subscribe`]).
+    /// Subscribes the connection to the group of `key` (see [`Observer::subscribe`]: the
+    /// reply gets `position`, and `recovered` when the frame asks to resume with `since`).
     ///
     /// 403 when the connection could never receive one of its pushes: its permissions allow
     /// none of `create`, `update` and `delete` as a push (see
@@ -236,12 +244,11 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
         ctx: &Ctx,
         key: &str,
         request_id: Option<&RawValue>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Joined, ApiError> {
         if !could_receive(ctx, None, &["create", "update", "delete"]).await {
             return Err(ApiError::permission_denied());
         }
-        self.observer.subscribe(ctx, key, request_id).await;
-        Ok(())
+        Ok(self.observer.subscribe(ctx, key, request_id).await)
     }
 
     /// Unsubscribes (see [`Observer::unsubscribe`]); returns whether anything was subscribed.
@@ -349,7 +356,7 @@ struct Encoded {
 }
 
 /// A model observer without its model type, as the commit path sees it.
-trait ErasedObserver: Send + Sync {
+pub(crate) trait ErasedObserver: Send + Sync {
     fn messages(
         &self,
         old: Option<&Object>,
@@ -453,6 +460,33 @@ impl Observers {
                     .map(|m| Arc::new(m) as Object)
             }),
         );
+        by_id.insert(id.to_owned(), observer.clone());
+        write(&self.inner.by_table)
+            .entry(table)
+            .or_default()
+            .push(observer.clone());
+        observer
+    }
+
+    /// Registers an observer of `table` that builds its own messages (live lists), with the
+    /// decoder of its objects for messages from other nodes; returns the one already
+    /// registered as `id` when there is one of type `T`.
+    #[cfg_attr(not(feature = "model"), allow(dead_code))]
+    pub(crate) fn register_erased<T: ErasedObserver + 'static>(
+        &self,
+        table: &'static str,
+        id: &str,
+        make: impl FnOnce() -> Arc<T>,
+        decoder: Decoder,
+    ) -> Arc<T> {
+        let mut by_id = write(&self.inner.by_id);
+        if let Some(existing) = by_id.get(id) {
+            return existing.clone().downcast::<T>().unwrap_or_else(|_| {
+                panic!("the observer id {id:?} is already registered for another model")
+            });
+        }
+        let observer = make();
+        self.inner.layer.register_decoder(id.into(), decoder);
         by_id.insert(id.to_owned(), observer.clone());
         write(&self.inner.by_table)
             .entry(table)

@@ -51,8 +51,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::BoxFuture;
 use crate::auth::{Authenticator, NoAuth, query_pairs};
-use crate::channel::{Delivery, GroupMessage};
-use crate::consumer::Event;
+use crate::channel::{Delivery, GroupMessage, Lag, Position};
+use crate::consumer::{Accept, Event, RESYNC, Replay};
 use crate::consumer::{Consumer, Ctx, Dispatched, Link, Outbound, catch_panic};
 use crate::error::ApiError;
 use crate::permission::{Permission, Permissions};
@@ -82,6 +82,7 @@ pub struct Dcrf {
     max_message_size: usize,
     outbound_queue: usize,
     event_queue: usize,
+    slow_client_timeout: Duration,
     socket_buffers: (usize, usize),
     allowed_origins: Option<Arc<[String]>>,
     shutdown: CancellationToken,
@@ -110,6 +111,9 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
 /// The default event queue length, in group messages, per connection.
 pub const DEFAULT_EVENT_QUEUE: usize = 1024;
+/// How long a connection may stay behind its subscriptions (its event queue overflowing without
+/// a catch-up) before it is closed with 1013: 5 seconds.
+pub const DEFAULT_SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default WebSocket read and write buffer sizes, in bytes, per connection.
 pub const DEFAULT_SOCKET_BUFFERS: (usize, usize) = (2 * 1024, 8 * 1024);
 
@@ -123,6 +127,7 @@ impl Dcrf {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
             event_queue: DEFAULT_EVENT_QUEUE,
+            slow_client_timeout: DEFAULT_SLOW_CLIENT_TIMEOUT,
             socket_buffers: DEFAULT_SOCKET_BUFFERS,
             allowed_origins: None,
             shutdown: CancellationToken::new(),
@@ -160,11 +165,21 @@ impl Dcrf {
         self
     }
 
-    /// How many subscription events may wait for one connection. When a connection falls this
-    /// far behind, it is closed with code 1013 (Try Again Later) instead of buffering more:
-    /// memory per connection stays bounded and other subscribers are not delayed.
+    /// How many subscription events may wait for one connection. An event that finds the queue
+    /// full is not queued: the connection is told it fell behind and, once it has sent what it
+    /// has, reads what it missed from the streams' history (or sends a resync notice when the
+    /// history no longer holds it). Memory per connection stays bounded and other subscribers
+    /// are not delayed.
     pub fn event_queue(mut self, events: usize) -> Self {
         self.event_queue = events.max(1);
+        self
+    }
+
+    /// How long a connection may stay behind (events dropped from its full queue, no catch-up
+    /// since) before it is closed with code 1013 (Try Again Later): a client that stops
+    /// reading. Default [`DEFAULT_SLOW_CLIENT_TIMEOUT`].
+    pub fn slow_client_timeout(mut self, timeout: Duration) -> Self {
+        self.slow_client_timeout = timeout;
         self
     }
 
@@ -285,14 +300,21 @@ impl Dcrf {
         let (out, rx) = mpsc::channel(self.outbound_queue);
         let (inbox_tx, inbox) = mpsc::channel(self.event_queue);
         let kick = CancellationToken::new();
+        let lag = Arc::new(Lag::new(self.slow_client_timeout));
         (
             Link {
                 out,
                 inbox: inbox_tx,
+                lag: lag.clone(),
                 kick: kick.clone(),
                 stream,
             },
-            Queues { rx, inbox, kick },
+            Queues {
+                rx,
+                inbox,
+                lag,
+                kick,
+            },
         )
     }
 
@@ -375,6 +397,7 @@ where
 pub(crate) struct Queues {
     rx: mpsc::Receiver<Outbound>,
     inbox: mpsc::Receiver<Delivery>,
+    lag: Arc<Lag>,
     kick: CancellationToken,
 }
 
@@ -386,6 +409,8 @@ pub(crate) trait Session: Send + 'static {
     fn on_binary(&mut self) -> BoxFuture<'_, ()>;
     /// Handles one event for one of the session's members.
     fn on_event(&mut self, member: u64, message: Arc<GroupMessage>) -> BoxFuture<'_, ()>;
+    /// Checks every subscription against its stream and delivers what was missed.
+    fn catch_up(&mut self) -> BoxFuture<'_, ()>;
     /// Leaves groups, cancels detached work, runs disconnect hooks.
     fn finish(&mut self) -> BoxFuture<'_, ()>;
 }
@@ -428,6 +453,7 @@ impl<C: Consumer> StreamSession<C> {
 pub(crate) trait DynStream: Send {
     fn on_text<'a>(&'a mut self, text: &'a str) -> BoxFuture<'a, ()>;
     fn on_event(&mut self, message: Arc<GroupMessage>) -> BoxFuture<'_, ()>;
+    fn catch_up(&mut self) -> BoxFuture<'_, ()>;
     fn finish(&mut self) -> BoxFuture<'_, ()>;
     fn ctx(&self) -> &Ctx;
 }
@@ -437,7 +463,14 @@ impl<C: Consumer> DynStream for StreamSession<C> {
         Box::pin(handle_text(&mut self.consumer, &self.ctx, text))
     }
     fn on_event(&mut self, message: Arc<GroupMessage>) -> BoxFuture<'_, ()> {
-        Box::pin(async move { handle_event(&mut self.consumer, &self.ctx, &message).await })
+        Box::pin(async move { handle_event(&mut self.consumer, &self.ctx, message).await })
+    }
+    fn catch_up(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for group in self.ctx.subscriptions().groups() {
+                catch_up(&mut self.consumer, &self.ctx, &group).await;
+            }
+        })
     }
     fn finish(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
@@ -466,6 +499,9 @@ impl<C: Consumer> Session for SingleSession<C> {
     fn on_event(&mut self, _member: u64, message: Arc<GroupMessage>) -> BoxFuture<'_, ()> {
         DynStream::on_event(&mut self.0, message)
     }
+    fn catch_up(&mut self) -> BoxFuture<'_, ()> {
+        DynStream::catch_up(&mut self.0)
+    }
     fn finish(&mut self) -> BoxFuture<'_, ()> {
         DynStream::finish(&mut self.0)
     }
@@ -485,6 +521,7 @@ async fn run_connection<S: Session>(
     let Queues {
         rx,
         mut inbox,
+        lag,
         kick: kicked,
     } = queues;
     let (sink, mut stream) = socket.split();
@@ -497,11 +534,17 @@ async fn run_connection<S: Session>(
             _ = shutdown.cancelled() => break Some((1001, "server shutting down")),
             _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
             Some((member, event)) = inbox.recv() => Work::Event(member, event),
+            // After the queued events: what did not fit is read back from history.
+            _ = lag.due() => Work::CatchUp,
             message = stream.next() => Work::Frame(message),
         };
         let step = async {
             match work {
                 Work::Event(member, event) => session.on_event(member, event).await,
+                Work::CatchUp => {
+                    lag.take();
+                    session.catch_up().await;
+                }
                 Work::Frame(Some(Ok(Message::Text(text)))) => session.on_text(&text).await,
                 Work::Frame(Some(Ok(Message::Binary(_)))) => session.on_binary().await,
                 Work::Frame(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
@@ -541,6 +584,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// One unit of a connection's work.
 enum Work {
     Event(u64, Arc<GroupMessage>),
+    CatchUp,
     Frame(Option<Result<Message, axum::Error>>),
 }
 
@@ -583,21 +627,127 @@ async fn write_loop(
     }
 }
 
-/// Runs a consumer's handler for one group message, if the connection is still subscribed.
-pub(crate) async fn handle_event<C: Consumer>(consumer: &mut C, ctx: &Ctx, message: &GroupMessage) {
-    let Some(request_ids) = ctx.subscriptions().request_ids(&message.group) else {
+/// Handles one group message: delivers it if the connection is subscribed and has not
+/// delivered it yet; a gap in the stream is filled from history first (or announced with a
+/// resync notice), and a new epoch is announced with one.
+pub(crate) async fn handle_event<C: Consumer>(
+    consumer: &mut C,
+    ctx: &Ctx,
+    message: Arc<GroupMessage>,
+) {
+    match ctx.subscriptions().accept(&message) {
+        Accept::Skip => {}
+        Accept::Deliver(request_ids) => deliver(consumer, ctx, &message, &request_ids).await,
+        Accept::NewEpoch(request_ids) => {
+            if let Some(p) = &message.position {
+                let head = Position::new(p.epoch.clone(), p.offset.saturating_sub(1));
+                resync(consumer, ctx, &message.observer, &message.group, head, &request_ids)
+                    .await;
+            }
+            deliver(consumer, ctx, &message, &request_ids).await;
+        }
+        Accept::Gap => catch_up(consumer, ctx, &message.group).await,
+    }
+}
+
+/// Brings one subscription up to its stream's head: the events after its cursor from history,
+/// in order, or a resync notice when history no longer holds them.
+pub(crate) async fn catch_up<C: Consumer>(consumer: &mut C, ctx: &Ctx, group: &Arc<str>) {
+    let Some((cursor, layer)) = ctx.subscriptions().cursor(group) else {
         return;
     };
-    // One rule for every subscription: a push is allowed as a read of its action on its object.
+    let state = match layer.recover(group, cursor.clone()).await {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::warn!(group = %group, error = %e, "cannot catch up with a stream yet");
+            return;
+        }
+    };
+    if cursor.as_ref() == Some(&state.head) {
+        return;
+    }
+    match state.missed {
+        Some(missed) => {
+            for message in missed {
+                if let Accept::Deliver(request_ids) = ctx.subscriptions().accept(&message) {
+                    deliver(consumer, ctx, &message, &request_ids).await;
+                }
+            }
+        }
+        None => {
+            let Some((observer, request_ids)) =
+                ctx.subscriptions().reset_cursor(group, state.head.clone())
+            else {
+                return;
+            };
+            resync(consumer, ctx, &observer, group, state.head, &request_ids).await;
+        }
+    }
+}
+
+/// Tells a subscription it missed events that cannot be recovered: a [`RESYNC`] event at
+/// `head` for its request ids, through the consumer's handlers.
+async fn resync<C: Consumer>(
+    consumer: &mut C,
+    ctx: &Ctx,
+    observer: &Arc<str>,
+    group: &Arc<str>,
+    head: Position,
+    request_ids: &[Box<serde_json::value::RawValue>],
+) {
+    tracing::info!(connection = ctx.connection_id(), group = %group, "subscription missed events: resync");
+    let mut body = String::from("{\"position\":");
+    head.write_json(&mut body);
+    body.push('}');
+    let Ok(body) = serde_json::value::RawValue::from_string(body) else {
+        return;
+    };
+    let mut message = GroupMessage::new(observer.clone(), group.clone(), RESYNC.into(), body.into());
+    message.position = Some(head);
+    run_handler(consumer, ctx, &message, request_ids).await;
+}
+
+/// Runs the consumer's handler for a message the connection accepted. One rule for every
+/// subscription: a push is allowed as a read of its action on its object.
+async fn deliver<C: Consumer>(
+    consumer: &mut C,
+    ctx: &Ctx,
+    message: &GroupMessage,
+    request_ids: &[Box<serde_json::value::RawValue>],
+) {
     if !crate::consumer::may_receive(ctx, &message.action, message.pk.as_deref()).await {
         return;
     }
+    run_handler(consumer, ctx, message, request_ids).await;
+}
+
+async fn run_handler<C: Consumer>(
+    consumer: &mut C,
+    ctx: &Ctx,
+    message: &GroupMessage,
+    request_ids: &[Box<serde_json::value::RawValue>],
+) {
     let event = Event {
         message,
-        request_ids: request_ids.as_slice(),
+        request_ids,
     };
-    if let Err(e) = catch_panic(consumer.handle_event(ctx, &event)).await {
+    let handled = crate::consumer::with_event_position(
+        message.position.as_ref(),
+        catch_panic(consumer.handle_event(ctx, &event)),
+    )
+    .await;
+    if let Err(e) = handled {
         tracing::error!(connection = ctx.connection_id(), observer = %message.observer, error = %e, "event handler failed");
+    }
+}
+
+/// Sends the history a frame's subscribes recovered, each replay to its own request id.
+async fn send_replays<C: Consumer>(consumer: &mut C, ctx: &Ctx, replays: Vec<Replay>) {
+    for replay in replays {
+        let ids: Vec<Box<serde_json::value::RawValue>> = replay.request_id.into_iter().collect();
+        for message in replay.events {
+            deliver(consumer, ctx, &message, &ids).await;
+        }
     }
 }
 
@@ -643,7 +793,11 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
             .await;
         return;
     }
-    match catch_panic(consumer.dispatch(ctx, action, &frame)).await {
+    let (dispatched, replays) =
+        crate::consumer::with_frame(&frame, catch_panic(consumer.dispatch(ctx, action, &frame)))
+            .await;
+    send_replays(consumer, ctx, replays).await;
+    match dispatched {
         Ok(Dispatched::Handled) => {}
         Ok(Dispatched::Unknown) => {
             let _ = ctx

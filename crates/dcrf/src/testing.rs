@@ -89,6 +89,8 @@ impl Drop for TestServer {
 #[derive(Debug)]
 pub struct TestClient {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Remove dcrf's extension keys from received JSON (see [`TestClient::dcrf_envelopes`]).
+    envelopes_only: bool,
 }
 
 impl TestClient {
@@ -103,7 +105,30 @@ impl TestClient {
         request: impl IntoClientRequest + Unpin,
     ) -> Result<TestClient, tungstenite::Error> {
         let (ws, _) = tokio_tungstenite::connect_async(request).await?;
-        Ok(TestClient { ws })
+        Ok(TestClient {
+            ws,
+            envelopes_only: false,
+        })
+    }
+
+    /// From now on, JSON frames this client receives ([`receive_json`](Self::receive_json),
+    /// [`request`](Self::request), [`try_receive_json`](Self::try_receive_json)) lose the keys
+    /// dcrf adds to DCRF's envelope (`position`, `recovered`; also inside a multiplexed
+    /// `payload`), so a test can assert DCRF's frames exactly. Frames read as text are
+    /// unchanged.
+    pub fn dcrf_envelopes(mut self) -> Self {
+        self.envelopes_only = true;
+        self
+    }
+
+    fn received(&self, mut value: Value) -> Value {
+        if self.envelopes_only {
+            strip_extensions(&mut value);
+            if let Some(payload) = value.get_mut("payload") {
+                strip_extensions(payload);
+            }
+        }
+        value
     }
 
     /// The HTTP status the handshake was refused with, or `None` if it was accepted.
@@ -139,7 +164,8 @@ impl TestClient {
     /// Receives the next text frame as JSON; panics after [`RECEIVE_TIMEOUT`] or on close.
     pub async fn receive_json(&mut self) -> Value {
         let text = self.receive_text().await;
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+        let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        self.received(value)
     }
 
     /// Receives the next text frame verbatim.
@@ -152,6 +178,23 @@ impl TestClient {
                 Some(Ok(Message::Text(t))) => return t.to_string(),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next text frame as JSON, or `None` when none arrives within `wait` (or the socket
+    /// closed).
+    pub async fn try_receive_json(&mut self, wait: Duration) -> Option<Value> {
+        loop {
+            let next = tokio::time::timeout(wait, self.ws.next()).await.ok()??;
+            match next {
+                Ok(Message::Text(t)) => {
+                    let value =
+                        serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t}"));
+                    return Some(self.received(value));
+                }
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                _ => return None,
             }
         }
     }
@@ -192,6 +235,14 @@ impl TestClient {
     /// Closes the connection from the client side.
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
+    }
+}
+
+/// Removes dcrf's extension keys (`position`, `recovered`) from an envelope.
+fn strip_extensions(value: &mut Value) {
+    if let Some(map) = value.as_object_mut() {
+        map.remove("position");
+        map.remove("recovered");
     }
 }
 
@@ -375,6 +426,7 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
         let link = crate::consumer::Link {
             out,
             inbox: inbox_tx,
+            lag: std::sync::Arc::new(crate::channel::Lag::new(std::time::Duration::from_secs(5))),
             kick: tokio_util::sync::CancellationToken::new(),
             stream: None,
         };
@@ -399,7 +451,7 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
     /// Runs the handler of every subscription event queued for this connection.
     pub async fn process_events(&mut self) {
         while let Ok((_, message)) = self.inbox.try_recv() {
-            crate::server::handle_event(&mut self.consumer, &self.ctx, &message).await;
+            crate::server::handle_event(&mut self.consumer, &self.ctx, message).await;
         }
     }
 

@@ -120,7 +120,7 @@ fn row(id: i32, owner: &str, title: &str) -> Value {
 
 /// A client subscribed to the items of `owner` with request id `rid`.
 async fn subscriber(s: &TestServer, owner: &str, rid: i64) -> TestClient {
-    let mut c = TestClient::connect(&s.url("/watch/")).await.unwrap();
+    let mut c = TestClient::connect(&s.url("/watch/")).await.unwrap().dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "subscribe", "owner": owner, "request_id": rid}))
             .await,
@@ -131,7 +131,7 @@ async fn subscriber(s: &TestServer, owner: &str, rid: i64) -> TestClient {
 
 /// A client subscribed to the resync notices of the table with request id `rid`.
 async fn resync_subscriber(s: &TestServer, rid: i64) -> TestClient {
-    let mut c = TestClient::connect(&s.url("/watch/")).await.unwrap();
+    let mut c = TestClient::connect(&s.url("/watch/")).await.unwrap().dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "subscribe_resync", "table": TABLE, "request_id": rid}))
             .await,

@@ -73,6 +73,7 @@ impl Example {
         TestClient::connect(&self.url(path))
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url(path)))
+            .dcrf_envelopes()
     }
 }
 

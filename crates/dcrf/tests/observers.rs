@@ -227,9 +227,15 @@ fn raw(frame: &Frame<'_>) -> Value {
 impl Consumer for Watcher {
     async fn connect(&mut self, ctx: &Ctx) -> Result<(), ApiError> {
         match self.at_connect {
-            "wrapper" => self.obs.wrapper.subscribe(ctx, "", None).await?,
-            "class_serializer" => self.obs.class_serializer.subscribe(ctx, "", None).await?,
-            "logged_in" => self.obs.logged_in.subscribe(ctx, "", None).await,
+            "wrapper" => {
+                self.obs.wrapper.subscribe(ctx, "", None).await?;
+            }
+            "class_serializer" => {
+                self.obs.class_serializer.subscribe(ctx, "", None).await?;
+            }
+            "logged_in" => {
+                self.obs.logged_in.subscribe(ctx, "", None).await;
+            }
             _ => {}
         }
         Ok(())
@@ -317,7 +323,7 @@ async fn serve(db: &Db) -> (TestServer, Observers) {
 }
 
 async fn connect(s: &TestServer, path: &str) -> TestClient {
-    TestClient::connect(&s.url(path)).await.unwrap()
+    TestClient::connect(&s.url(path)).await.unwrap().dcrf_envelopes()
 }
 
 fn frame(action: &str, rid: Value, status: u16, data: Value) -> Value {

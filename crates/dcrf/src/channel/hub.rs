@@ -1,24 +1,83 @@
 //! [`Hub`]: this node's connections by group, and the slow-member policy.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{GroupMessage, Object};
-use crate::sync::{read, write};
+use crate::sync::{lock, read, write};
 
 /// An event on its way to a connection: the member it is for (a multiplexed socket has one
 /// member per stream) and the shared message.
 pub(crate) type Delivery = (u64, Arc<GroupMessage>);
 
-/// A connection's membership card: where its events go, and how to let it go.
+/// A connection's membership card: where its events go, how to tell it that it fell behind,
+/// and how to let it go.
 #[derive(Debug, Clone)]
 pub(crate) struct Member {
     pub(crate) id: u64,
     pub(crate) inbox: mpsc::Sender<Delivery>,
+    pub(crate) lag: Arc<Lag>,
     pub(crate) kick: CancellationToken,
+}
+
+/// A socket's catch-up signal: set when an event found its inbox full (the event is dropped;
+/// the connection reads it back from the stream's history) or when the broker may have lost
+/// messages (a Redis reconnect). A socket that stays behind for longer than its slow-client
+/// timeout without catching up is kicked (1013).
+#[derive(Debug)]
+pub(crate) struct Lag {
+    /// Since when events have been dropped without a catch-up.
+    behind: Mutex<Option<Instant>>,
+    /// Every subscription must be checked against its stream.
+    check: AtomicBool,
+    notify: Notify,
+    timeout: Duration,
+}
+
+impl Lag {
+    pub(crate) fn new(timeout: Duration) -> Lag {
+        Lag {
+            behind: Mutex::new(None),
+            check: AtomicBool::new(false),
+            notify: Notify::new(),
+            timeout,
+        }
+    }
+
+    /// An event was dropped; true when the socket has been behind for too long.
+    fn dropped(&self) -> bool {
+        let mut behind = lock(&self.behind);
+        match *behind {
+            Some(since) => since.elapsed() > self.timeout,
+            None => {
+                *behind = Some(Instant::now());
+                self.notify.notify_one();
+                false
+            }
+        }
+    }
+
+    /// Asks the socket to check its subscriptions against their streams.
+    pub(crate) fn request_check(&self) {
+        self.check.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Waits until a catch-up is due.
+    pub(crate) async fn due(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Starts a catch-up: clears the signal.
+    pub(crate) fn take(&self) {
+        *lock(&self.behind) = None;
+        self.check.store(false, Ordering::Release);
+    }
 }
 
 /// Turns an object's JSON back into the typed object on a node that received it remotely.
@@ -26,6 +85,10 @@ pub(crate) type Decoder = Arc<dyn Fn(&str) -> Option<Object> + Send + Sync>;
 
 /// The local connections of one node, by group. A [`Broker`](super::Broker) hands it the
 /// messages of the groups it has members of.
+///
+/// A member whose event queue is full does not get the message: it is told it fell behind,
+/// and reads what it missed from the stream's history (its catch-up). A member that stays
+/// behind for longer than its slow-client timeout is kicked (1013).
 #[derive(Default)]
 pub struct Hub {
     groups: RwLock<HashMap<Arc<str>, Vec<Member>>>,
@@ -52,16 +115,38 @@ impl Hub {
             match member.inbox.try_send((member.id, message.clone())) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    if !member.kick.is_cancelled() {
+                    // Dropped here, read back from history by the connection's catch-up.
+                    if member.lag.dropped() && !member.kick.is_cancelled() {
                         tracing::warn!(
                             connection = member.id,
                             group = %message.group,
-                            "event queue full: closing the slow connection with 1013"
+                            "connection behind for too long: closing it with 1013"
                         );
                         member.kick.cancel();
                     }
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+
+    /// Asks every local connection to check its subscriptions against their streams (after
+    /// the broker may have lost messages, e.g. a Redis reconnection).
+    pub fn check_all(&self) {
+        let groups = read(&self.groups);
+        for members in groups.values() {
+            for member in members {
+                member.lag.request_check();
+            }
+        }
+    }
+
+    /// Asks the local members of `group` to check their subscriptions against their streams
+    /// (the group's stream restarted at a new epoch).
+    pub fn check_group(&self, group: &str) {
+        if let Some(members) = read(&self.groups).get(group) {
+            for member in members {
+                member.lag.request_check();
             }
         }
     }
@@ -129,6 +214,7 @@ mod tests {
         let member = Member {
             id,
             inbox,
+            lag: Arc::new(Lag::new(Duration::ZERO)),
             kick: CancellationToken::new(),
         };
         (member, rx)
@@ -177,17 +263,32 @@ mod tests {
     }
 
     #[test]
-    fn a_full_inbox_kicks_that_member_only() {
+    fn a_full_inbox_marks_the_member_behind_then_kicks_it_if_it_stays_behind() {
         let hub = Hub::default();
         let (slow, _rs) = member(1, 1);
         let (fast, mut rf) = member(2, 8);
         hub.add(&"g".into(), &slow);
         hub.add(&"g".into(), &fast);
         hub.deliver(message("g"));
-        assert!(!slow.kick.is_cancelled());
         hub.deliver(message("g"));
-        assert!(slow.kick.is_cancelled(), "the slow member is let go");
+        assert!(lock(&slow.lag.behind).is_some(), "told it fell behind");
+        assert!(!slow.kick.is_cancelled(), "not kicked at the first drop");
+        std::thread::sleep(Duration::from_millis(2));
+        hub.deliver(message("g"));
+        assert!(slow.kick.is_cancelled(), "behind past its timeout: let go");
         assert!(!fast.kick.is_cancelled());
-        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok());
+        assert!(rf.try_recv().is_ok() && rf.try_recv().is_ok() && rf.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_catch_up_clears_the_signal() {
+        let hub = Hub::default();
+        let (slow, _rs) = member(1, 1);
+        hub.add(&"g".into(), &slow);
+        hub.deliver(message("g"));
+        hub.deliver(message("g"));
+        slow.lag.take();
+        hub.deliver(message("g"));
+        assert!(!slow.kick.is_cancelled(), "a new drop after a catch-up starts over");
     }
 }

@@ -1,16 +1,107 @@
-//! [`MemoryBroker`]: one process, no network.
+//! [`MemoryBroker`]: one process, no network; positions and history in memory.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
 
-use super::{Broker, GroupMessage, Hub};
+use super::history::new_epoch;
+use super::{Broker, GroupMessage, HistoryOptions, Hub, Position, StreamState};
 use crate::error::Error;
+use crate::sync::lock;
 
-/// The in-memory broker: a published message goes straight to this node's hub. The default.
+/// The in-memory broker: a published message is numbered in its stream, kept in the stream's
+/// history (see [`HistoryOptions`]) and handed straight to this node's hub. The default.
+///
+/// Every stream's epoch is new in each process, so a client resuming after a restart is told
+/// its history is gone (`recovered: false`).
 #[derive(Debug, Default)]
 pub struct MemoryBroker {
     hub: OnceLock<Weak<Hub>>,
+    options: HistoryOptions,
+    streams: Mutex<Streams>,
+}
+
+#[derive(Debug, Default)]
+struct Streams {
+    by_group: HashMap<Arc<str>, Arc<Mutex<Stream>>>,
+    swept: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Stream {
+    epoch: String,
+    offset: u64,
+    events: VecDeque<Arc<GroupMessage>>,
+    bytes: usize,
+    /// The last event (history expiry).
+    published: Instant,
+    /// The last use of any kind (position expiry).
+    used: Instant,
+}
+
+impl Stream {
+    fn new(now: Instant) -> Stream {
+        Stream {
+            epoch: new_epoch(),
+            offset: 0,
+            events: VecDeque::new(),
+            bytes: 0,
+            published: now,
+            used: now,
+        }
+    }
+
+    fn head(&self) -> Position {
+        Position::new(self.epoch.clone(), self.offset)
+    }
+
+    /// Drops history older than the ttl (all of it: the ttl counts from the last event).
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        if now.duration_since(self.published) > ttl {
+            self.events.clear();
+            self.bytes = 0;
+        }
+    }
+}
+
+impl MemoryBroker {
+    /// A memory broker keeping this much history per stream.
+    pub fn with_history(options: HistoryOptions) -> MemoryBroker {
+        MemoryBroker {
+            options,
+            ..MemoryBroker::default()
+        }
+    }
+
+    fn stream(&self, group: &Arc<str>, now: Instant) -> Arc<Mutex<Stream>> {
+        let mut streams = lock(&self.streams);
+        self.sweep(&mut streams, now);
+        streams
+            .by_group
+            .entry(group.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(now))))
+            .clone()
+    }
+
+    /// Forgets streams unused for `meta_ttl` that have no local member, and expired history;
+    /// at most once per minute (or per ttl, if shorter).
+    fn sweep(&self, streams: &mut Streams, now: Instant) {
+        let every = self.options.ttl.min(Duration::from_secs(60));
+        if streams.swept.is_some_and(|t| now.duration_since(t) < every) {
+            return;
+        }
+        streams.swept = Some(now);
+        let hub = self.hub.get().and_then(Weak::upgrade);
+        let (ttl, meta_ttl) = (self.options.ttl, self.options.meta_ttl);
+        streams.by_group.retain(|group, stream| {
+            let mut s = lock(stream);
+            s.expire(now, ttl);
+            now.duration_since(s.used) <= meta_ttl
+                || hub.as_ref().is_some_and(|h| h.has_group(group))
+        });
+    }
 }
 
 impl Broker for MemoryBroker {
@@ -18,11 +109,59 @@ impl Broker for MemoryBroker {
         let _ = self.hub.set(hub);
     }
 
-    fn publish(&self, message: GroupMessage) -> BoxFuture<'_, Result<(), Error>> {
-        if let Some(hub) = self.hub.get().and_then(Weak::upgrade) {
-            hub.deliver(Arc::new(message));
+    fn publish(&self, mut message: GroupMessage) -> BoxFuture<'_, Result<(), Error>> {
+        let now = Instant::now();
+        let stream = self.stream(&message.group, now);
+        let mut s = lock(&stream);
+        s.expire(now, self.options.ttl);
+        s.offset += 1;
+        s.published = now;
+        s.used = now;
+        message.position = Some(Position::new(s.epoch.clone(), s.offset));
+        let message = Arc::new(message);
+        if self.options.size > 0 {
+            s.bytes += message.body.get().len();
+            s.events.push_back(message.clone());
+            while s.events.len() > self.options.size
+                || (s.bytes > self.options.max_bytes && s.events.len() > 1)
+            {
+                if let Some(old) = s.events.pop_front() {
+                    s.bytes -= old.body.get().len();
+                }
+            }
         }
+        // Delivered while the stream is locked: members see the stream's events in order.
+        if let Some(hub) = self.hub.get().and_then(Weak::upgrade) {
+            hub.deliver(message);
+        }
+        drop(s);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn recover(
+        &self,
+        group: Arc<str>,
+        since: Option<Position>,
+    ) -> BoxFuture<'_, Result<StreamState, Error>> {
+        let now = Instant::now();
+        let stream = self.stream(&group, now);
+        let mut s = lock(&stream);
+        s.expire(now, self.options.ttl);
+        s.used = now;
+        let head = s.head();
+        let missed = since.and_then(|since| {
+            if since.epoch != s.epoch || since.offset > s.offset {
+                return None;
+            }
+            let first = s.offset + 1 - s.events.len() as u64;
+            if since.offset + 1 < first {
+                return None;
+            }
+            let skip = (since.offset + 1 - first) as usize;
+            Some(s.events.iter().skip(skip).cloned().collect())
+        });
+        drop(s);
+        Box::pin(std::future::ready(Ok(StreamState { head, missed })))
     }
 
     fn subscribe(&self, _group: Arc<str>) -> BoxFuture<'static, ()> {
@@ -33,5 +172,99 @@ impl Broker for MemoryBroker {
 
     fn is_remote(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+
+    use super::*;
+
+    fn message(group: &str, body: &str) -> GroupMessage {
+        let body: Box<RawValue> = RawValue::from_string(body.into()).unwrap();
+        GroupMessage::new("o".into(), group.into(), "update".into(), body.into())
+    }
+
+    fn recover(b: &MemoryBroker, group: &str, since: Option<Position>) -> StreamState {
+        futures_util::FutureExt::now_or_never(b.recover(group.into(), since))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn publish(b: &MemoryBroker, group: &str, body: &str) {
+        futures_util::FutureExt::now_or_never(b.publish(message(group, body)))
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn offsets_count_events_per_stream() {
+        let b = MemoryBroker::default();
+        let start = recover(&b, "g", None).head;
+        assert_eq!(start.offset, 0);
+        publish(&b, "g", "1");
+        publish(&b, "g", "2");
+        publish(&b, "h", "3");
+        let head = recover(&b, "g", None).head;
+        assert_eq!(head, Position::new(start.epoch.clone(), 2));
+        assert_eq!(recover(&b, "h", None).head.offset, 1);
+        assert_ne!(recover(&b, "h", None).head.epoch, start.epoch);
+    }
+
+    #[test]
+    fn history_covers_what_it_holds_and_nothing_else() {
+        let b = MemoryBroker::with_history(HistoryOptions::default().size(3));
+        let epoch = recover(&b, "g", None).head.epoch;
+        for i in 1..=5 {
+            publish(&b, "g", &i.to_string());
+        }
+        let bodies = |since: u64| {
+            recover(&b, "g", Some(Position::new(epoch.clone(), since)))
+                .missed
+                .map(|v| v.iter().map(|m| m.body.get().to_owned()).collect::<Vec<_>>())
+        };
+        assert_eq!(bodies(2), Some(vec!["3".into(), "4".into(), "5".into()]));
+        assert_eq!(bodies(4), Some(vec!["5".into()]));
+        assert_eq!(bodies(5), Some(vec![]), "nothing missed");
+        assert_eq!(bodies(1), None, "offset 2 was trimmed");
+        assert_eq!(bodies(6), None, "a position from the future");
+        let other = recover(&b, "g", Some(Position::new("other", 4)));
+        assert!(other.missed.is_none(), "another epoch");
+    }
+
+    #[test]
+    fn the_byte_cap_trims_history() {
+        let b = MemoryBroker::with_history(HistoryOptions::default().max_bytes(10));
+        let epoch = recover(&b, "g", None).head.epoch;
+        publish(&b, "g", "\"aaaa\"");
+        publish(&b, "g", "\"bbbb\"");
+        let state = recover(&b, "g", Some(Position::new(epoch.clone(), 0)));
+        assert!(state.missed.is_none(), "the first event was dropped");
+        let state = recover(&b, "g", Some(Position::new(epoch, 1)));
+        assert_eq!(state.missed.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn history_expires_after_its_ttl_without_events() {
+        let b = MemoryBroker::with_history(HistoryOptions::default().ttl(Duration::ZERO));
+        let epoch = recover(&b, "g", None).head.epoch;
+        publish(&b, "g", "1");
+        std::thread::sleep(Duration::from_millis(5));
+        let state = recover(&b, "g", Some(Position::new(epoch.clone(), 0)));
+        assert_eq!(state.head, Position::new(epoch, 1), "the position stays");
+        assert!(state.missed.is_none(), "the history is gone");
+    }
+
+    #[test]
+    fn without_history_positions_still_count() {
+        let b = MemoryBroker::with_history(HistoryOptions::default().size(0));
+        let epoch = recover(&b, "g", None).head.epoch;
+        publish(&b, "g", "1");
+        let state = recover(&b, "g", Some(Position::new(epoch.clone(), 0)));
+        assert_eq!(state.head.offset, 1);
+        assert!(state.missed.is_none());
+        let state = recover(&b, "g", Some(Position::new(epoch, 1)));
+        assert_eq!(state.missed.map(|v| v.len()), Some(0));
     }
 }

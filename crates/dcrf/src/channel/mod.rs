@@ -31,6 +31,7 @@
 //! after a subscribe reply reaches the subscriber.
 
 mod broker;
+mod history;
 mod hub;
 mod memory;
 #[cfg(feature = "redis")]
@@ -42,8 +43,9 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 pub use broker::Broker;
+pub use history::{HistoryOptions, Position, StreamState};
 pub use hub::Hub;
-pub(crate) use hub::{Delivery, Member};
+pub(crate) use hub::{Decoder, Delivery, Lag, Member};
 pub use memory::MemoryBroker;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -76,6 +78,8 @@ pub struct GroupMessage {
     /// The object's primary key, when the message is about one (model observers): pushes are
     /// permission-checked as `{"pk": pk}`.
     pub pk: Option<Arc<RawValue>>,
+    /// Where the message sits in its group's stream; set by the broker when it is published.
+    pub position: Option<Position>,
 }
 
 impl GroupMessage {
@@ -89,6 +93,7 @@ impl GroupMessage {
             object: None,
             object_json: None,
             pk: None,
+            position: None,
         }
     }
 
@@ -145,7 +150,8 @@ impl ChannelLayer {
         ChannelLayer { hub, broker }
     }
 
-    /// A process-local layer: messages reach this node's connections only.
+    /// A process-local layer: messages reach this node's connections only; default history
+    /// ([`HistoryOptions::default`]).
     pub fn memory() -> ChannelLayer {
         Self::new(MemoryBroker::default())
     }
@@ -156,7 +162,7 @@ impl ChannelLayer {
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub async fn redis(url: &str) -> Result<ChannelLayer, Error> {
-        Ok(Self::new(RedisBroker::connect(url).await?))
+        Ok(Self::new(RedisBroker::connect(url, HistoryOptions::default()).await?))
     }
 
     /// A layer from a URL: `memory` (or empty) or `redis://...` (feature `redis`).
@@ -191,9 +197,20 @@ impl ChannelLayer {
         &self.hub
     }
 
-    /// Sends a message to every member of its group, on every node.
+    /// Sends a message to every member of its group, on every node, numbered in the group's
+    /// stream.
     pub async fn group_send(&self, message: GroupMessage) -> Result<(), Error> {
         self.broker.publish(message).await
+    }
+
+    /// The stream of `group`: its position now and, with `since`, what was published after
+    /// it, when the history still holds all of it (see [`Broker::recover`]).
+    pub async fn recover(
+        &self,
+        group: &Arc<str>,
+        since: Option<Position>,
+    ) -> Result<StreamState, Error> {
+        self.broker.recover(group.clone(), since).await
     }
 
     /// Adds a connection to a group (idempotent); returns once the broker delivers the
@@ -211,7 +228,7 @@ impl ChannelLayer {
     }
 
     /// Lets messages of `observer` that arrive from other nodes carry their typed object again.
-    pub(crate) fn register_decoder(&self, observer: Arc<str>, decoder: hub::Decoder) {
+    pub(crate) fn register_decoder(&self, observer: Arc<str>, decoder: Decoder) {
         self.hub.register_decoder(observer, decoder);
     }
 

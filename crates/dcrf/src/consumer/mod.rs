@@ -18,10 +18,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub(crate) use subscriptions::Subscriptions;
-pub use subscriptions::{Event, could_receive, default_push, may_receive};
+pub(crate) use subscriptions::{
+    Accept, Replay, Subscriptions, decorate, event_position, with_event_position, with_frame,
+};
+pub use subscriptions::{
+    Event, Joined, RESYNC, could_receive, default_push, may_receive, since,
+};
 
-use crate::channel::{Delivery, Member};
+use crate::channel::{Delivery, Lag, Member};
 use crate::error::ApiError;
 use crate::permission::Permissions;
 use crate::protocol::{Envelope, Frame, encode_error};
@@ -214,6 +218,7 @@ impl<E: Into<ApiError>> IntoActionResult for Result<(), E> {
 pub(crate) struct Link {
     pub(crate) out: mpsc::Sender<Outbound>,
     pub(crate) inbox: mpsc::Sender<Delivery>,
+    pub(crate) lag: Arc<Lag>,
     pub(crate) kick: CancellationToken,
     pub(crate) stream: Option<Arc<str>>,
 }
@@ -256,6 +261,7 @@ struct CtxInner {
     cancel: CancellationToken,
     extensions: std::sync::Mutex<axum::http::Extensions>,
     inbox: mpsc::Sender<Delivery>,
+    lag: Arc<Lag>,
     kick: CancellationToken,
     stream: Option<Arc<str>>,
     subscriptions: Subscriptions,
@@ -272,6 +278,7 @@ impl Ctx {
         let Link {
             out,
             inbox,
+            lag,
             kick,
             stream,
         } = link;
@@ -284,6 +291,7 @@ impl Ctx {
                 cancel: CancellationToken::new(),
                 extensions: Default::default(),
                 inbox,
+                lag,
                 kick,
                 stream,
                 subscriptions: Subscriptions::default(),
@@ -297,6 +305,7 @@ impl Ctx {
         Member {
             id: self.inner.id,
             inbox: self.inner.inbox.clone(),
+            lag: self.inner.lag.clone(),
             kick: self.inner.kick.clone(),
         }
     }
@@ -379,7 +388,10 @@ impl Ctx {
         data: &T,
         status: StatusCode,
     ) -> Result<(), Closed> {
-        let text = self.encode_reply(action, request_id, data, status);
+        let text = decorate(
+            self.encode_reply(action, request_id, data, status),
+            Some(request_id),
+        );
         self.send_text(text).await
     }
 
@@ -405,6 +417,10 @@ impl Ctx {
             status.as_u16()
         );
         text.push_str(rid);
+        if let Some(p) = event_position() {
+            text.push_str(",\"position\":");
+            p.write_json(&mut text);
+        }
         text.push('}');
         self.send_text(text).await
     }
@@ -456,7 +472,7 @@ impl Ctx {
         action: Option<&str>,
         request_id: Option<&RawValue>,
     ) -> Result<(), Closed> {
-        let text = self.encode_error(err, action, request_id);
+        let text = decorate(self.encode_error(err, action, request_id), None);
         self.send_text(text).await
     }
 
@@ -468,9 +484,12 @@ impl Ctx {
         result: R,
     ) {
         let text = match result.into_action_result() {
-            Ok(Some(reply)) => self.encode_reply(action, request_id, &reply.data, reply.status),
+            Ok(Some(reply)) => decorate(
+                self.encode_reply(action, request_id, &reply.data, reply.status),
+                Some(request_id),
+            ),
             Ok(None) => return,
-            Err(err) => self.encode_error(&err, Some(action), request_id),
+            Err(err) => decorate(self.encode_error(&err, Some(action), request_id), None),
         };
         let _ = self.send_text(text).await;
     }

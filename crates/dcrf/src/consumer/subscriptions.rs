@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use serde_json::value::RawValue;
 
 use super::Ctx;
-use crate::channel::{ChannelLayer, GroupMessage};
+use crate::channel::{ChannelLayer, GroupMessage, Position};
+use crate::error::ApiError;
 use crate::protocol::Frame;
 use crate::sync::lock;
 
@@ -40,7 +41,26 @@ impl Event<'_> {
     pub fn object<T: 'static>(&self) -> Option<&T> {
         self.message.object.as_deref()?.downcast_ref::<T>()
     }
+
+    /// Where the event sits in its stream. Every frame the handler sends carries it as the
+    /// top-level `position`.
+    pub fn position(&self) -> Option<&Position> {
+        self.message.position.as_ref()
+    }
+
+    /// Is this a [resync notice](RESYNC): the connection could not receive some of the
+    /// stream's events, and the client must reload what it shows?
+    pub fn is_resync(&self) -> bool {
+        &*self.message.action == RESYNC
+    }
 }
+
+/// The action of a resync push: `{"errors": [], "data": {"position": P}, "action": "resync",
+/// "response_status": 200, "request_id": R, "position": P}`. Sent to a subscription whose
+/// stream lost events the connection did not receive (history trimmed or expired, the stream
+/// restarted at a new epoch): the client reloads, then applies the pushes that follow, which
+/// continue after `P`.
+pub const RESYNC: &str = "resync";
 
 /// May this connection receive a push of `action` about the object `pk`? The consumer's
 /// permissions are asked as for an action of that name on `{"pk": pk}` (`{}` without a pk),
@@ -93,7 +113,165 @@ pub async fn default_push(ctx: &Ctx, event: &Event<'_>) {
     }
 }
 
-/// The subscriptions of one connection: group → observer and request ids.
+tokio::task_local! {
+    /// The frame being handled: its `since`, the extras of its reply, and the history its
+    /// subscriptions recovered (sent after the reply).
+    static FRAME: FrameState;
+    /// The position of the event being handled: every frame sent meanwhile carries it.
+    static EVENT_POSITION: Position;
+}
+
+/// What a subscribe learns from the frame it runs for, and leaves for its reply.
+pub(crate) struct FrameState {
+    since: Since,
+    request_id: Option<Box<RawValue>>,
+    extras: Mutex<Option<ReplyExtras>>,
+    replays: Mutex<Vec<Replay>>,
+}
+
+/// The `since` argument of a frame.
+#[derive(Debug, Clone)]
+pub(crate) enum Since {
+    /// No `since`: DCRF's behaviour, no `recovered` key.
+    Absent,
+    /// A position to resume after.
+    At(Position),
+    /// Not a position: nothing can be recovered from it.
+    Invalid,
+}
+
+/// The keys a subscribe adds to its reply: the stream position, and `recovered` when the
+/// frame asked to resume.
+#[derive(Debug)]
+struct ReplyExtras {
+    position: Option<Position>,
+    recovered: Option<bool>,
+}
+
+/// Recovered history, sent right after the subscribe's reply, to one request id.
+#[derive(Debug)]
+pub(crate) struct Replay {
+    pub(crate) request_id: Option<Box<RawValue>>,
+    pub(crate) events: Vec<Arc<GroupMessage>>,
+}
+
+/// Reads a frame's `since`: `Ok(None)` without one, 400 when it is not a position.
+///
+/// ```text
+/// {"action": "subscribe_instance", "pk": 1, "request_id": 7,
+///  "since": {"epoch": "6f1c…", "offset": 41}}
+/// ```
+pub fn since(frame: &Frame<'_>) -> Result<Option<Position>, ApiError> {
+    match frame.field("since") {
+        None => Ok(None),
+        Some(raw) if raw.get() == "null" => Ok(None),
+        Some(raw) => serde_json::from_str(raw.get()).map(Some).map_err(|_| {
+            ApiError::field(
+                "since",
+                "Expected a position: {\"epoch\": string, \"offset\": integer}.",
+            )
+        }),
+    }
+}
+
+/// Runs an action for `frame` with what its subscribes need; returns the action's output and
+/// the recovered history to send after its reply.
+pub(crate) async fn with_frame<F: std::future::Future>(
+    frame: &Frame<'_>,
+    fut: F,
+) -> (F::Output, Vec<Replay>) {
+    let since = match since(frame) {
+        Ok(None) => Since::Absent,
+        Ok(Some(p)) => Since::At(p),
+        Err(_) => Since::Invalid,
+    };
+    let state = FrameState {
+        since,
+        request_id: frame.request_id().map(|r| r.to_owned()),
+        extras: Mutex::new(None),
+        replays: Mutex::new(Vec::new()),
+    };
+    FRAME
+        .scope(state, async {
+            let out = fut.await;
+            let replays = FRAME.with(|f| std::mem::take(&mut *lock(&f.replays)));
+            (out, replays)
+        })
+        .await
+}
+
+/// Runs an event handler: every frame it sends carries the event's position.
+pub(crate) async fn with_event_position<F: std::future::Future>(
+    position: Option<&Position>,
+    fut: F,
+) -> F::Output {
+    match position {
+        Some(p) => EVENT_POSITION.scope(p.clone(), fut).await,
+        None => fut.await,
+    }
+}
+
+/// The position of the event being handled, if any.
+pub(crate) fn event_position() -> Option<Position> {
+    EVENT_POSITION.try_with(Clone::clone).ok()
+}
+
+/// Adds the subscription keys to an envelope being sent: the event's `position` in an event
+/// handler; in a subscribe's reply (`reply_to`: a success reply with the frame's request id,
+/// the first one), its `position` and `recovered`.
+pub(crate) fn decorate(mut text: String, reply_to: Option<Option<&RawValue>>) -> String {
+    if !text.ends_with('}') {
+        return text;
+    }
+    if let Ok(()) = EVENT_POSITION.try_with(|p| {
+        text.pop();
+        text.push_str(",\"position\":");
+        p.write_json(&mut text);
+        text.push('}');
+    }) {
+        return text;
+    }
+    let Some(request_id) = reply_to else {
+        return text;
+    };
+    let extras = FRAME
+        .try_with(|f| {
+            let same = f.request_id.as_deref().map(RawValue::get) == request_id.map(RawValue::get);
+            if same { lock(&f.extras).take() } else { None }
+        })
+        .ok()
+        .flatten();
+    if let Some(extras) = extras {
+        text.pop();
+        if let Some(p) = &extras.position {
+            text.push_str(",\"position\":");
+            p.write_json(&mut text);
+        }
+        if let Some(r) = extras.recovered {
+            text.push_str(if r {
+                ",\"recovered\":true"
+            } else {
+                ",\"recovered\":false"
+            });
+        }
+        text.push('}');
+    }
+    text
+}
+
+/// What a subscribe found: the stream position its pushes continue from, and whether the
+/// frame's `since` was recovered (`None` without `since`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Joined {
+    /// The position the subscription's pushes follow (unknown while the broker is down).
+    pub position: Option<Position>,
+    /// `Some(true)` when the missed pushes will be sent, `Some(false)` when they cannot be.
+    pub recovered: Option<bool>,
+}
+
+/// The subscriptions of one connection: group → observer, request ids and the stream position
+/// the connection has delivered up to.
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
     groups: Mutex<HashMap<Arc<str>, Subscription>>,
@@ -105,11 +283,107 @@ struct Subscription {
     /// Shared with every event being handled, so handling one costs no copy.
     request_ids: Arc<Vec<Box<RawValue>>>,
     layer: ChannelLayer,
+    /// The position of the last event delivered (or skipped as already known); `None` until
+    /// the stream's position is known.
+    cursor: Option<Position>,
+}
+
+/// What to do with an event of a subscribed group.
+#[derive(Debug)]
+pub(crate) enum Accept {
+    /// Deliver it to these request ids.
+    Deliver(Arc<Vec<Box<RawValue>>>),
+    /// Not subscribed, or already delivered.
+    Skip,
+    /// Events before it were not delivered: catch up from history first.
+    Gap,
+    /// The stream restarted at a new epoch: what came before it may be lost (resync), then
+    /// deliver it.
+    NewEpoch(Arc<Vec<Box<RawValue>>>),
 }
 
 impl Subscriptions {
+    /// Subscribes to `group` (with `request_id`, if any; the same id twice is kept once): joins
+    /// the group on the layer, reads the stream's position and, when the frame being handled
+    /// asks to resume (`since`), queues the missed events for this request id, to be sent
+    /// after the reply. The reply gets `position` (and `recovered`).
+    pub(crate) async fn join(
+        &self,
+        ctx: &Ctx,
+        observer: &Arc<str>,
+        group: &Arc<str>,
+        request_id: Option<&RawValue>,
+        layer: &ChannelLayer,
+    ) -> Joined {
+        self.add(observer, group, request_id, layer);
+        layer.group_add(group, &ctx.member()).await;
+        let since = FRAME
+            .try_with(|f| f.since.clone())
+            .unwrap_or(Since::Absent);
+        let asked = match &since {
+            Since::At(p) => Some(p.clone()),
+            _ => None,
+        };
+        let state = match layer.recover(group, asked.clone()).await {
+            Ok(state) => Some(state),
+            Err(e) => {
+                tracing::warn!(group = %group, error = %e, "cannot read the stream position");
+                None
+            }
+        };
+        let cursor = {
+            let mut groups = lock(&self.groups);
+            let Some(sub) = groups.get_mut(group) else {
+                return Joined {
+                    position: None,
+                    recovered: None,
+                };
+            };
+            if sub.cursor.is_none() {
+                sub.cursor = state.as_ref().map(|s| s.head.clone());
+            }
+            sub.cursor.clone()
+        };
+        let recovered = match (&since, state) {
+            (Since::Absent, _) => None,
+            (Since::At(_), Some(state)) => match (state.missed, &cursor) {
+                (Some(missed), Some(cursor)) => {
+                    // What the connection has not delivered yet comes live, to every id.
+                    let events: Vec<Arc<GroupMessage>> = missed
+                        .into_iter()
+                        .filter(|m| {
+                            m.position
+                                .as_ref()
+                                .is_some_and(|p| p.epoch == cursor.epoch && p.offset <= cursor.offset)
+                        })
+                        .collect();
+                    let queued = FRAME.try_with(|f| {
+                        lock(&f.replays).push(Replay {
+                            request_id: request_id.map(|r| r.to_owned()),
+                            events,
+                        })
+                    });
+                    Some(queued.is_ok())
+                }
+                _ => Some(false),
+            },
+            _ => Some(false),
+        };
+        let joined = Joined {
+            position: cursor,
+            recovered,
+        };
+        let _ = FRAME.try_with(|f| {
+            *lock(&f.extras) = Some(ReplyExtras {
+                position: joined.position.clone(),
+                recovered: joined.recovered,
+            })
+        });
+        joined
+    }
+
     /// Remembers a subscription to `group` (with `request_id`, if any; the same id twice is
-    /// kept once).
+    /// kept once), without joining the group.
     pub(crate) fn add(
         &self,
         observer: &Arc<str>,
@@ -122,12 +396,65 @@ impl Subscriptions {
             observer: observer.clone(),
             request_ids: Arc::new(Vec::new()),
             layer: layer.clone(),
+            cursor: None,
         });
         if let Some(rid) = request_id
             && !sub.request_ids.iter().any(|r| r.get() == rid.get())
         {
             Arc::make_mut(&mut sub.request_ids).push(rid.to_owned());
         }
+    }
+
+    /// Decides what to do with an event, advancing the group's cursor when it is delivered.
+    pub(crate) fn accept(&self, message: &GroupMessage) -> Accept {
+        let mut groups = lock(&self.groups);
+        let Some(sub) = groups.get_mut(&*message.group) else {
+            return Accept::Skip;
+        };
+        let Some(p) = &message.position else {
+            return Accept::Deliver(sub.request_ids.clone());
+        };
+        match &sub.cursor {
+            None => {
+                sub.cursor = Some(p.clone());
+                Accept::Deliver(sub.request_ids.clone())
+            }
+            Some(c) if c.epoch != p.epoch => {
+                sub.cursor = Some(p.clone());
+                Accept::NewEpoch(sub.request_ids.clone())
+            }
+            Some(c) if p.offset <= c.offset => Accept::Skip,
+            Some(c) if p.offset == c.offset + 1 => {
+                sub.cursor = Some(p.clone());
+                Accept::Deliver(sub.request_ids.clone())
+            }
+            Some(_) => Accept::Gap,
+        }
+    }
+
+    /// The group's cursor and layer, for a catch-up.
+    pub(crate) fn cursor(&self, group: &str) -> Option<(Option<Position>, ChannelLayer)> {
+        lock(&self.groups)
+            .get(group)
+            .map(|s| (s.cursor.clone(), s.layer.clone()))
+    }
+
+    /// Moves a group's cursor to `head` after a resync; returns its observer and the ids to
+    /// notify.
+    pub(crate) fn reset_cursor(
+        &self,
+        group: &str,
+        head: Position,
+    ) -> Option<(Arc<str>, Arc<Vec<Box<RawValue>>>)> {
+        let mut groups = lock(&self.groups);
+        let sub = groups.get_mut(group)?;
+        sub.cursor = Some(head);
+        Some((sub.observer.clone(), sub.request_ids.clone()))
+    }
+
+    /// Every subscribed group.
+    pub(crate) fn groups(&self) -> Vec<Arc<str>> {
+        lock(&self.groups).keys().cloned().collect()
     }
 
     /// Forgets `request_id` in `group` (or the whole group without one). Returns (was anything
@@ -177,6 +504,7 @@ impl Subscriptions {
     }
 
     /// The request ids of a group, if the connection is subscribed to it.
+    #[cfg(test)]
     pub(crate) fn request_ids(&self, group: &str) -> Option<Arc<Vec<Box<RawValue>>>> {
         lock(&self.groups).get(group).map(|s| s.request_ids.clone())
     }

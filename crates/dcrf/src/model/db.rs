@@ -45,6 +45,76 @@ pub struct Db {
     conn: DatabaseConnection,
     observers: Observers,
     hooks: Arc<OnceLock<Arc<dyn TxnHooks>>>,
+    order: Arc<CommitOrder>,
+}
+
+/// Publishes each table's changes in commit order: a transaction with observed changes holds
+/// its tables' locks from just before `COMMIT` until its changes are published, so two
+/// transactions that change the same row publish in the order they committed (their pushes
+/// never overtake each other). On PostgreSQL with a remote channel layer the lock is also a
+/// session advisory lock (`pg_advisory_lock(hashtext('dcrf.publish:<table>'))`) held on one
+/// dedicated connection per table, so the order holds across nodes.
+#[derive(Default)]
+struct CommitOrder {
+    tables: std::sync::Mutex<HashMap<&'static str, Arc<tokio::sync::Mutex<TableLock>>>>,
+}
+
+/// The lock of one table: its dedicated PostgreSQL connection, once opened.
+#[derive(Default)]
+struct TableLock {
+    #[cfg(feature = "postgres")]
+    conn: Option<sea_orm::sqlx::PgConnection>,
+}
+
+impl CommitOrder {
+    fn table(&self, table: &'static str) -> Arc<tokio::sync::Mutex<TableLock>> {
+        crate::sync::lock(&self.tables)
+            .entry(table)
+            .or_default()
+            .clone()
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl TableLock {
+    /// Takes the table's advisory lock; without it (the connection failed) the order holds on
+    /// this node only, and a warning says so.
+    async fn lock_cluster(&mut self, db: &Db, table: &str) {
+        use sea_orm::sqlx::Connection;
+        if self.conn.is_none() {
+            let options = db.conn.get_postgres_connection_pool().connect_options();
+            match sea_orm::sqlx::PgConnection::connect_with(&options).await {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, table, "cannot open the publish-order connection");
+                    return;
+                }
+            }
+        }
+        if let Some(conn) = self.conn.as_mut() {
+            let locked = sea_orm::sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+                .bind(format!("dcrf.publish:{table}"))
+                .execute(conn)
+                .await;
+            if let Err(e) = locked {
+                tracing::warn!(error = %e, table, "cannot take the publish-order lock");
+                self.conn = None;
+            }
+        }
+    }
+
+    async fn unlock_cluster(&mut self, table: &str) {
+        if let Some(conn) = self.conn.as_mut() {
+            let unlocked = sea_orm::sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+                .bind(format!("dcrf.publish:{table}"))
+                .execute(conn)
+                .await;
+            if unlocked.is_err() {
+                // Closing the session releases its locks.
+                self.conn = None;
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Db {
@@ -168,6 +238,7 @@ impl Db {
             conn,
             observers: Observers::new(layer),
             hooks: Arc::new(OnceLock::new()),
+            order: Arc::default(),
         }
     }
 
@@ -492,16 +563,47 @@ impl Txn {
         Ok(result.rows_affected)
     }
 
-    /// Commits, then publishes each changed object once to the observers of its table.
+    /// Commits, then publishes each changed object once to the observers of its table, in
+    /// commit order per table (see the type's docs).
     pub async fn commit(self) -> Result<(), Error> {
         let Txn {
             txn, db, changes, ..
         } = self;
-        txn.commit().await?;
-        let sink: &dyn ChangeSink = &db.observers;
-        for change in changes.into_changes() {
-            sink.publish(&change).await;
+        let changes: Vec<_> = changes.into_changes().collect();
+        if changes.is_empty() {
+            txn.commit().await?;
+            return Ok(());
         }
-        Ok(())
+        let mut tables: Vec<&'static str> = changes.iter().map(|c| c.table).collect();
+        tables.sort_unstable();
+        tables.dedup();
+        // Always in the same (sorted) order: no two commits wait for each other's tables.
+        let mut guards = Vec::with_capacity(tables.len());
+        for table in &tables {
+            guards.push(db.order.table(table).lock_owned().await);
+        }
+        #[cfg(feature = "postgres")]
+        let cluster = db.backend() == DbBackend::Postgres && db.layer().is_remote();
+        #[cfg(feature = "postgres")]
+        if cluster {
+            for (table, guard) in tables.iter().zip(guards.iter_mut()) {
+                guard.lock_cluster(&db, table).await;
+            }
+        }
+        let committed = txn.commit().await;
+        if committed.is_ok() {
+            let sink: &dyn ChangeSink = &db.observers;
+            for change in &changes {
+                sink.publish(change).await;
+            }
+        }
+        #[cfg(feature = "postgres")]
+        if cluster {
+            for (table, guard) in tables.iter().zip(guards.iter_mut()).rev() {
+                guard.unlock_cluster(table).await;
+            }
+        }
+        drop(guards);
+        Ok(committed?)
     }
 }

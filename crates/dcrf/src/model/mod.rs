@@ -65,6 +65,7 @@
 //! ```
 
 mod db;
+mod live;
 mod lookup;
 mod pagination;
 mod validation;
@@ -87,6 +88,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::change::ChangeKind;
 pub use db::{Db, DbOptions, Txn, TxnHooks};
+#[doc(hidden)]
+pub use live::handle_list_event;
+pub use live::DEFAULT_LIVE_LIST_MAX;
 #[doc(hidden)]
 pub use lookup::json_to_value;
 pub use lookup::{column_named, primary_key_column};
@@ -157,6 +161,9 @@ impl ModelActions {
     pub const DELETE: Self = Self(32);
     /// `subscribe_instance` and `unsubscribe_instance` (DCRF's `ObserverModelInstanceMixin`).
     pub const SUBSCRIBE_INSTANCE: Self = Self(64);
+    /// `subscribe_list` and `unsubscribe_list`: live lists (see [`handle_list_event`] and
+    /// the module docs).
+    pub const SUBSCRIBE_LIST: Self = Self(128);
     /// `list` and `retrieve`.
     pub const READ_ONLY: Self = Self(1 | 2);
     /// The six CRUD actions.
@@ -325,6 +332,12 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
         )
     }
 
+    /// The id of this consumer's list observer (`subscribe_list` pushes), with the same rules as
+    /// [`instance_observer_id`](Self::instance_observer_id). Default: `"{table}.list"`.
+    fn list_observer_id(&self) -> String {
+        format!("{}.list", <Self::Entity as Default>::default().table_name())
+    }
+
     /// Deletes an object (DCRF's `perform_delete`).
     fn perform_delete(
         &self,
@@ -403,6 +416,14 @@ pub async fn dispatch_model<C: ModelConsumer>(
             ctx.finish(action, rid, unsubscribe_instance(c, ctx, frame).await)
                 .await;
         }
+        "subscribe_list" if actions.contains(ModelActions::SUBSCRIBE_LIST) => {
+            ctx.finish(action, rid, live::subscribe_list(c, ctx, frame).await)
+                .await;
+        }
+        "unsubscribe_list" if actions.contains(ModelActions::SUBSCRIBE_LIST) => {
+            ctx.finish(action, rid, live::unsubscribe_list(c, ctx, frame).await)
+                .await;
+        }
         _ => return Dispatched::Unknown,
     }
     Dispatched::Handled
@@ -419,6 +440,7 @@ pub fn model_action_reads<C: ModelConsumer>(consumer: &C, action: &str) -> bool 
         "subscribe_instance" | "unsubscribe_instance" => {
             actions.contains(ModelActions::SUBSCRIBE_INSTANCE)
         }
+        "subscribe_list" | "unsubscribe_list" => actions.contains(ModelActions::SUBSCRIBE_LIST),
         _ => false,
     }
 }
@@ -731,6 +753,14 @@ pub fn register_observers<C: ModelConsumer>(c: &C) {
         );
         instance_observer(c);
     }
+    if c.actions().contains(ModelActions::SUBSCRIBE_LIST) {
+        c.db().observers().claim(
+            &c.list_observer_id(),
+            std::any::TypeId::of::<C>(),
+            std::any::type_name::<C>(),
+        );
+        live::list_observer(c);
+    }
 }
 
 fn subscription_request_id<'a>(
@@ -748,6 +778,7 @@ async fn subscribe_instance<C: ModelConsumer>(
     frame: &Frame<'_>,
 ) -> Result<Reply<()>, ApiError> {
     let rid = subscription_request_id(frame)?;
+    crate::consumer::since(frame)?;
     let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
     check_object(c, ctx, "subscribe_instance", &object).await?;
     let key = db::pk_json::<C::Entity>(&object).to_string();
@@ -799,6 +830,9 @@ pub async fn handle_instance_event<C: ModelConsumer>(
     event: &crate::consumer::Event<'_>,
 ) -> bool {
     let c: &C = c;
+    if live::handle_list_event(c, ctx, event).await {
+        return true;
+    }
     if !c.actions().contains(ModelActions::SUBSCRIBE_INSTANCE)
         || event.observer() != c.instance_observer_id()
     {
@@ -806,6 +840,10 @@ pub async fn handle_instance_event<C: ModelConsumer>(
     }
     // The consumer's permissions were asked already, as for every push (`may_receive`).
     let action = event.action();
+    if event.is_resync() {
+        crate::consumer::default_push(ctx, event).await;
+        return true;
+    }
     if action == ChangeKind::Delete.as_str() {
         for rid in event.request_ids {
             let _ = ctx

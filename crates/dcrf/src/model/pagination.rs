@@ -121,17 +121,17 @@ pub(crate) async fn fetch_page<C: ModelConsumer>(
     })
 }
 
-/// Applies `{"filters": {"field": value}}`: equality on allowed fields, `null` as `IS NULL`.
-pub(crate) fn apply_filters<E: EntityTrait>(
-    mut query: Select<E>,
+/// Reads `{"filters": {"field": value}}`: allowed fields only; `None` stands for `null`.
+pub(crate) fn parse_filters<E: EntityTrait>(
     frame: &Frame<'_>,
     allowed: &[&str],
-) -> Result<Select<E>, ApiError> {
+) -> Result<Vec<(E::Column, Option<sea_orm::Value>)>, ApiError> {
     let Some(raw) = frame.field("filters") else {
-        return Ok(query);
+        return Ok(Vec::new());
     };
     let filters: serde_json::Map<String, Value> = serde_json::from_str(raw.get())
         .map_err(|_| ApiError::field("filters", "Expected an object of field: value."))?;
+    let mut out = Vec::with_capacity(filters.len());
     for (name, value) in filters {
         let column = allowed
             .contains(&name.as_str())
@@ -139,12 +139,27 @@ pub(crate) fn apply_filters<E: EntityTrait>(
             .flatten()
             .ok_or_else(|| ApiError::field("filters", format!("Cannot filter by \"{name}\".")))?;
         if value.is_null() {
-            query = query.filter(column.is_null());
+            out.push((column, None));
             continue;
         }
         let v = json_to_value(column, &value.to_string())
             .ok_or_else(|| ApiError::field("filters", format!("Invalid value for \"{name}\".")))?;
-        query = query.filter(column.eq(v));
+        out.push((column, Some(v)));
+    }
+    Ok(out)
+}
+
+/// Applies `{"filters": {"field": value}}`: equality on allowed fields, `null` as `IS NULL`.
+pub(crate) fn apply_filters<E: EntityTrait>(
+    mut query: Select<E>,
+    frame: &Frame<'_>,
+    allowed: &[&str],
+) -> Result<Select<E>, ApiError> {
+    for (column, value) in parse_filters::<E>(frame, allowed)? {
+        query = match value {
+            None => query.filter(column.is_null()),
+            Some(v) => query.filter(column.eq(v)),
+        };
     }
     Ok(query)
 }
