@@ -45,9 +45,15 @@ async fn a_change_through_one_node_reaches_subscribers_of_the_other(backend: Bac
     let (database, _dir) = shared_database(backend, "cluster").await;
     let a = Demo::start(&database, &redis.url(), 3);
     let b = Demo::start(&database, &redis.url(), 0);
-    let mut sub = TestClient::connect(&a.url("/ws/todos/")).await.unwrap().dcrf_envelopes();
+    let mut sub = TestClient::connect(&a.url("/ws/todos/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     subscribe_both(&mut sub, 2).await;
-    let mut writer = TestClient::connect(&b.url("/ws/todos/")).await.unwrap().dcrf_envelopes();
+    let mut writer = TestClient::connect(&b.url("/ws/todos/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         writer
             .request(json!({"action": "patch", "pk": 2, "data": {"done": true}, "request_id": 1}))
@@ -107,9 +113,15 @@ async fn subscriptions_recover_after_redis_restarts(backend: Backend) {
     let (database, _dir) = shared_database(backend, "restart").await;
     let a = Demo::start(&database, &layer, 1);
     let b = Demo::start(&database, &layer, 0);
-    let mut sub = TestClient::connect(&a.url("/ws/todos/")).await.unwrap().dcrf_envelopes();
+    let mut sub = TestClient::connect(&a.url("/ws/todos/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     subscribe_both(&mut sub, 1).await;
-    let mut writer = TestClient::connect(&b.url("/ws/todos/")).await.unwrap().dcrf_envelopes();
+    let mut writer = TestClient::connect(&b.url("/ws/todos/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     writer
         .request(json!({"action": "patch", "pk": 1, "data": {"owner": "before"}, "request_id": 1}))
         .await;
@@ -120,24 +132,27 @@ async fn subscriptions_recover_after_redis_restarts(backend: Backend) {
     redis.stop();
     let redis = RedisServer::start(port);
 
-    // Writes go on (the database does not need Redis); pushes resume once both nodes have
-    // reconnected and resubscribed. Nothing outside the nodes tells when that is done, so:
-    // write again, each time waiting up to 500 ms for the push, for at most 10 s.
+    // Writes go on (the database does not need Redis). The restarted Redis has no positions:
+    // every stream starts a new epoch, so the subscriber is told it may have missed changes
+    // (a resync notice per subscription) instead of missing them silently; pushes resume once
+    // both nodes have reconnected. Nothing outside the nodes tells when that is done, so:
+    // write again, each time waiting up to 500 ms for frames, for at most 10 s.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut n = 0;
-    let push = loop {
+    let mut resynced = Vec::new();
+    let push = 'found: loop {
         n += 1;
         let owner = format!("after-{n}");
         let reply = writer
             .request(json!({"action": "patch", "pk": 1, "data": {"owner": owner}, "request_id": n}))
             .await;
         assert_eq!(reply["response_status"], json!(200));
-        let got = tokio::time::timeout(Duration::from_millis(500), async {
-            sub.receive_json().await
-        })
-        .await;
-        if let Ok(push) = got {
-            break push;
+        while let Some(frame) = sub.try_receive_json(Duration::from_millis(500)).await {
+            if frame["action"] == "resync" {
+                resynced.push(frame["request_id"].clone());
+            } else {
+                break 'found frame;
+            }
         }
         assert!(
             Instant::now() < deadline,
@@ -150,6 +165,13 @@ async fn subscriptions_recover_after_redis_restarts(backend: Backend) {
             .as_str()
             .unwrap()
             .starts_with("after-")
+    );
+    resynced.sort_by_key(|r| r.to_string());
+    resynced.dedup();
+    assert_eq!(
+        resynced.len(),
+        2,
+        "both subscriptions were told to resync: {resynced:?}"
     );
     redis.stop();
 }

@@ -25,7 +25,10 @@ async fn demo(database: &str, seed: u64) -> TestServer {
 #[tokio::test]
 async fn echo_returns_all_other_fields_with_any_request_id() {
     let s = demo("sqlite::memory:", 0).await;
-    let mut c = TestClient::connect(&s.url("/ws/echo/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/ws/echo/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     c.send_text(r#"{"action":"echo","request_id":{"client":"x","n":[1]},"text":"hi","n":1.5}"#)
         .await;
     assert_eq!(
@@ -51,7 +54,10 @@ async fn echo_returns_all_other_fields_with_any_request_id() {
 #[tokio::test]
 async fn whoami_is_null_anonymous_and_the_user_with_a_jwt() {
     let s = demo("sqlite::memory:", 0).await;
-    let mut c = TestClient::connect(&s.url("/ws/echo/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/ws/echo/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "whoami", "request_id": 1}))
             .await,
@@ -64,7 +70,10 @@ async fn whoami_is_null_anonymous_and_the_user_with_a_jwt() {
     let mut req = s.url("/ws/echo/").into_client_request().unwrap();
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let mut c = TestClient::connect_request(req).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect_request(req)
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "whoami", "request_id": 1}))
             .await["data"],
@@ -89,7 +98,10 @@ async fn todos_crud(db: Db) {
         app.consumer(move || dcrf_demo::todos::Todos::new(&consumer_db)),
     );
     let s = TestServer::start(router, app).await;
-    let mut c = TestClient::connect(&s.url("/ws/todos/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/ws/todos/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     let todo = |id: i64, title: &str, done: bool, owner: &str| json!({"id": id, "title": title, "done": done, "owner": owner});
     assert_eq!(
         c.request(json!({"action": "list", "request_id": 1})).await,
@@ -147,7 +159,10 @@ async fn todos_crud(db: Db) {
 #[tokio::test]
 async fn demo_database_url_and_seed() {
     let s = demo("sqlite::memory:", 1000).await;
-    let mut c = TestClient::connect(&s.url("/ws/todos/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/ws/todos/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     let page = c
         .request(json!({"action": "list", "limit": 100, "offset": 900, "request_id": 1}))
         .await;
@@ -183,7 +198,8 @@ async fn binary_starts_serves_and_shuts_down_gracefully() {
     };
     let mut c = TestClient::connect(&format!("ws://{addr}/ws/todos/"))
         .await
-        .unwrap().dcrf_envelopes();
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "retrieve", "pk": 2, "request_id": "r"}))
             .await["data"]["title"],
@@ -222,8 +238,14 @@ async fn todos_subscriptions(db: Db) {
     let todos = dcrf_demo::todos::Todos::new(&db);
     let router = axum::Router::new().route("/ws/todos/", app.consumer(move || todos.clone()));
     let s = TestServer::start(router, app).await;
-    let mut sub = TestClient::connect(&s.url("/ws/todos/")).await.unwrap().dcrf_envelopes();
-    let mut writer = TestClient::connect(&s.url("/ws/todos/")).await.unwrap().dcrf_envelopes();
+    let mut sub = TestClient::connect(&s.url("/ws/todos/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
+    let mut writer = TestClient::connect(&s.url("/ws/todos/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         sub.request(json!({"action": "subscribe_instance", "pk": 1, "request_id": "i"}))
             .await,
@@ -345,7 +367,8 @@ async fn api_routes_over_http_and_over_the_socket() {
         .unwrap();
     let mut c = TestClient::connect(&s.url(&format!("/ws/api/?token={token}")))
         .await
-        .unwrap().dcrf_envelopes();
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "retrieve", "parameters": {"id": 2}, "request_id": 1}))
             .await,
@@ -375,7 +398,10 @@ async fn api_routes_over_http_and_over_the_socket() {
         json!({"id": "u1", "username": "ada"})
     );
     // The same over the multiplexed socket's `api` stream.
-    let mut m = TestClient::connect(&s.url("/ws")).await.unwrap().dcrf_envelopes();
+    let mut m = TestClient::connect(&s.url("/ws"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         m.request(json!({"stream": "api", "payload": {"action": "retrieve", "parameters": {"id": 99}, "request_id": 6}}))
             .await,

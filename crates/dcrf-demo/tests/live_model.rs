@@ -71,7 +71,9 @@ async fn writer(url: String, seed: u64, ops: usize, ids: Arc<Mutex<Vec<i64>>>) {
             0..=2 => None,
             3..=5 => Some(json!({"action": "patch", "pk": pick(&mut rng),
                                  "data": {"done": rng.chance(50), "owner": owner}})),
-            6 => Some(json!({"action": "patch", "pk": pick(&mut rng), "data": {"title": format!("t{n}")}})),
+            6 => Some(
+                json!({"action": "patch", "pk": pick(&mut rng), "data": {"title": format!("t{n}")}}),
+            ),
             7 => Some(json!({"action": "delete", "pk": pick(&mut rng)})),
             _ => {
                 let some: Vec<i64> = (0..1 + rng.below(6)).map(|_| pick(&mut rng)).collect();
@@ -90,7 +92,9 @@ async fn writer(url: String, seed: u64, ops: usize, ids: Arc<Mutex<Vec<i64>>>) {
             "{frame} answered {reply} (seed {seed})"
         );
         if frame["action"] == "create" {
-            ids.lock().unwrap().push(reply["data"]["id"].as_i64().unwrap());
+            ids.lock()
+                .unwrap()
+                .push(reply["data"]["id"].as_i64().unwrap());
         }
     }
 }

@@ -16,7 +16,10 @@ async fn demo() -> TestServer {
 }
 
 async fn ws(s: &TestServer) -> TestClient {
-    TestClient::connect(&s.url("/ws")).await.unwrap().dcrf_envelopes()
+    TestClient::connect(&s.url("/ws"))
+        .await
+        .unwrap()
+        .dcrf_envelopes()
 }
 
 fn error(stream: Value, status: u16, errors: Value, action: Value, rid: Value) -> Value {

@@ -71,6 +71,11 @@ pub trait ChangeSink: Send + Sync + 'static {
 
     /// Publishes one committed change to whoever observes its table.
     fn publish<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, ()>;
+
+    /// Changes of `table` may have been lost (change capture could not see or carry them):
+    /// the streams of its observers restart at a new epoch, so their subscribers are told to
+    /// resync.
+    fn resync<'a>(&'a self, table: &'a str) -> BoxFuture<'a, ()>;
 }
 
 /// The changes of one transaction, one entry per object, merged as they are recorded so that

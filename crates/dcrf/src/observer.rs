@@ -72,8 +72,8 @@ use serde_json::value::RawValue;
 
 pub use crate::change::ChangeKind;
 use crate::change::{Change, ChangeSink, Object};
-use crate::channel::{ChannelLayer, GroupMessage};
 pub(crate) use crate::channel::Decoder;
+use crate::channel::{ChannelLayer, GroupMessage};
 use crate::consumer::{Ctx, Joined, could_receive};
 use crate::error::{ApiError, Error};
 use crate::sync::{lock, read, write};
@@ -357,6 +357,9 @@ struct Encoded {
 
 /// A model observer without its model type, as the commit path sees it.
 pub(crate) trait ErasedObserver: Send + Sync {
+    /// The observer's id (its groups are `"{id}:{key}"`).
+    fn id(&self) -> &str;
+
     fn messages(
         &self,
         old: Option<&Object>,
@@ -365,6 +368,10 @@ pub(crate) trait ErasedObserver: Send + Sync {
 }
 
 impl<M: Serialize + Send + Sync + 'static> ErasedObserver for ModelObserver<M> {
+    fn id(&self) -> &str {
+        self.observer.id()
+    }
+
     fn messages(
         &self,
         old: Option<&Object>,
@@ -517,6 +524,20 @@ impl Observers {
 impl ChangeSink for Observers {
     fn observes(&self, table: &str) -> bool {
         read(&self.inner.by_table).contains_key(table)
+    }
+
+    fn resync<'a>(&'a self, table: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let ids: Vec<String> = read(&self.inner.by_table)
+                .get(table)
+                .map(|v| v.iter().map(|o| o.id().to_owned()).collect())
+                .unwrap_or_default();
+            for id in ids {
+                if let Err(e) = self.inner.layer.restart_streams(&format!("{id}:")).await {
+                    tracing::error!(error = %e, table, observer = %id, "cannot restart the streams of an observer");
+                }
+            }
+        })
     }
 
     fn publish<'a>(&'a self, change: &'a Change) -> BoxFuture<'a, ()> {

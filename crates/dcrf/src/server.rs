@@ -87,6 +87,7 @@ pub struct Dcrf {
     allowed_origins: Option<Arc<[String]>>,
     shutdown: CancellationToken,
     connections: TaskTracker,
+    slow_closes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Dcrf {
@@ -132,7 +133,14 @@ impl Dcrf {
             allowed_origins: None,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
+            slow_closes: Arc::default(),
         }
+    }
+
+    /// How many connections were closed with 1013 because they stayed behind their
+    /// subscriptions for longer than the slow-client timeout (a client that stopped reading).
+    pub fn slow_client_closes(&self) -> u64 {
+        self.slow_closes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Resolves each connection's user (see [`auth`](crate::auth)).
@@ -327,13 +335,20 @@ impl Dcrf {
     ) -> Response {
         let shutdown = self.shutdown.clone();
         let tracker = self.connections.clone();
+        let slow_closes = self.slow_closes.clone();
         let (read, write) = self.socket_buffers;
         ws.read_buffer_size(read)
             .write_buffer_size(write)
             .max_message_size(self.max_message_size)
             .max_frame_size(self.max_message_size)
             .on_upgrade(move |socket| {
-                tracker.track_future(run_connection(socket, session, queues, shutdown))
+                tracker.track_future(run_connection(
+                    socket,
+                    session,
+                    queues,
+                    shutdown,
+                    slow_closes,
+                ))
             })
     }
 
@@ -517,6 +532,7 @@ async fn run_connection<S: Session>(
     mut session: S,
     queues: Queues,
     shutdown: CancellationToken,
+    slow_closes: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let Queues {
         rx,
@@ -555,15 +571,21 @@ async fn run_connection<S: Session>(
             }
             None
         };
-        // A connection stuck on a client that does not read is let go when the layer kicks it.
+        // A connection stuck on a client that does not read is let go when the layer kicks it,
+        // or once it has been behind for its slow-client timeout.
         tokio::select! {
             biased;
             _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
+            _ = lag.stuck() => break Some((1013, "too slow: subscription events dropped")),
             end = step => if let Some(close) = end { break close },
         }
     };
+
     session.finish().await;
     let (code, reason) = close.unwrap_or((1000, ""));
+    if code == 1013 {
+        slow_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let _ = close_tx.send(CloseFrame {
         code,
         reason: reason.into(),
@@ -641,8 +663,15 @@ pub(crate) async fn handle_event<C: Consumer>(
         Accept::NewEpoch(request_ids) => {
             if let Some(p) = &message.position {
                 let head = Position::new(p.epoch.clone(), p.offset.saturating_sub(1));
-                resync(consumer, ctx, &message.observer, &message.group, head, &request_ids)
-                    .await;
+                resync(
+                    consumer,
+                    ctx,
+                    &message.observer,
+                    &message.group,
+                    head,
+                    &request_ids,
+                )
+                .await;
             }
             deliver(consumer, ctx, &message, &request_ids).await;
         }
@@ -702,7 +731,8 @@ async fn resync<C: Consumer>(
     let Ok(body) = serde_json::value::RawValue::from_string(body) else {
         return;
     };
-    let mut message = GroupMessage::new(observer.clone(), group.clone(), RESYNC.into(), body.into());
+    let mut message =
+        GroupMessage::new(observer.clone(), group.clone(), RESYNC.into(), body.into());
     message.position = Some(head);
     run_handler(consumer, ctx, &message, request_ids).await;
 }

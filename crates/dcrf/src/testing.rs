@@ -111,6 +111,30 @@ impl TestClient {
         })
     }
 
+    /// Connects to a `ws://127.0.0.1:port/path` URL over a socket whose kernel receive buffer
+    /// is `bytes` (for slow-reader tests: a client that does not read stops the server's
+    /// writes after little data, as a slow mobile link does).
+    pub async fn connect_with_receive_buffer(
+        url: &str,
+        bytes: u32,
+    ) -> Result<TestClient, tungstenite::Error> {
+        let request = url.into_client_request()?;
+        let host = request.uri().host().unwrap_or("127.0.0.1").to_owned();
+        let port = request.uri().port_u16().unwrap_or(80);
+        let addr: SocketAddr = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| tungstenite::Error::Url(tungstenite::error::UrlError::NoHostName))?;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(bytes)?;
+        let stream = socket.connect(addr).await?;
+        let (ws, _) =
+            tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await?;
+        Ok(TestClient {
+            ws,
+            envelopes_only: false,
+        })
+    }
+
     /// From now on, JSON frames this client receives ([`receive_json`](Self::receive_json),
     /// [`request`](Self::request), [`try_receive_json`](Self::try_receive_json)) lose the keys
     /// dcrf adds to DCRF's envelope (`position`, `recovered`; also inside a multiplexed
@@ -164,7 +188,8 @@ impl TestClient {
     /// Receives the next text frame as JSON; panics after [`RECEIVE_TIMEOUT`] or on close.
     pub async fn receive_json(&mut self) -> Value {
         let text = self.receive_text().await;
-        let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        let value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
         self.received(value)
     }
 

@@ -81,13 +81,19 @@ async fn a_client_that_stops_reading_is_dropped_and_others_are_not_delayed() {
     let s = TestServer::start(router, app).await;
     let pad = "x".repeat(32 * 1024);
 
-    let mut reader = TestClient::connect(&s.url("/ws/feed/")).await.unwrap().dcrf_envelopes();
+    let mut reader = TestClient::connect(&s.url("/ws/feed/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     follow(&mut reader).await;
     // Baseline: the reading client alone.
     const BASELINE: usize = 100;
     let baseline = publish_in_step(&feed, &mut reader, 0..BASELINE, &pad).await;
 
-    let mut stalled = TestClient::connect(&s.url("/ws/feed/")).await.unwrap().dcrf_envelopes();
+    let mut stalled = TestClient::connect(&s.url("/ws/feed/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     follow(&mut stalled).await;
     assert_eq!(layer.local_members("feed:news"), 2);
     // The stalled client reads nothing until its connection has been let go; then it reads

@@ -120,7 +120,10 @@ fn row(id: i32, owner: &str, title: &str) -> Value {
 
 /// A client subscribed to the items of `owner` with request id `rid`.
 async fn subscriber(s: &TestServer, owner: &str, rid: i64) -> TestClient {
-    let mut c = TestClient::connect(&s.url("/watch/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/watch/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "subscribe", "owner": owner, "request_id": rid}))
             .await,
@@ -129,9 +132,22 @@ async fn subscriber(s: &TestServer, owner: &str, rid: i64) -> TestClient {
     c
 }
 
+/// The stream resync a subscriber of the table's observer gets when the capture sends a
+/// notice: its stream restarts at a new epoch (see the channel docs on delivery).
+async fn receive_stream_resync(c: &mut TestClient, rid: i64) {
+    let push = c.receive_json().await;
+    assert_eq!(push["action"], "resync", "{push}");
+    assert_eq!(push["request_id"], rid);
+    assert_eq!(push["response_status"], 200);
+    assert_eq!(push["data"]["position"]["offset"], 0, "{push}");
+}
+
 /// A client subscribed to the resync notices of the table with request id `rid`.
 async fn resync_subscriber(s: &TestServer, rid: i64) -> TestClient {
-    let mut c = TestClient::connect(&s.url("/watch/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/watch/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "subscribe_resync", "table": TABLE, "request_id": rid}))
             .await,
@@ -414,6 +430,7 @@ mod scenarios {
                 reason: ResyncReason::Incomplete
             }
         );
+        receive_stream_resync(&mut ann, 1).await;
         ann.receive_nothing_for(QUIET).await;
 
         exec(&other, "TRUNCATE capture_item").await;
@@ -422,6 +439,7 @@ mod scenarios {
             frame("resync", 9, json!({"table": TABLE, "reason": "truncate"}))
         );
         watcher.receive_nothing().await;
+        receive_stream_resync(&mut ann, 1).await;
         ann.receive_nothing().await;
     }
 
@@ -483,6 +501,7 @@ mod scenarios {
             }]
         );
 
+        receive_stream_resync(&mut ann, 1).await;
         // Listening again: changes arrive.
         exec(
             &other,
@@ -689,6 +708,7 @@ async fn sqlite_raw_delete_sends_a_resync_notice() {
             reason: ResyncReason::Incomplete
         }
     );
+    receive_stream_resync(&mut ann, 1).await;
     ann.receive_nothing().await;
 
     // Inserted and deleted in one transaction: nothing to tell.

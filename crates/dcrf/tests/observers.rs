@@ -323,7 +323,10 @@ async fn serve(db: &Db) -> (TestServer, Observers) {
 }
 
 async fn connect(s: &TestServer, path: &str) -> TestClient {
-    TestClient::connect(&s.url(path)).await.unwrap().dcrf_envelopes()
+    TestClient::connect(&s.url(path))
+        .await
+        .unwrap()
+        .dcrf_envelopes()
 }
 
 fn frame(action: &str, rid: Value, status: u16, data: Value) -> Value {

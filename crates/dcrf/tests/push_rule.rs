@@ -135,10 +135,14 @@ fn denied(action: &str, rid: i64) -> Value {
 async fn anonymous_clients_read_and_signed_in_clients_write() {
     let (s, db) = serve().await;
     let ada = create_user(&db, "ada").await;
-    let mut anon = TestClient::connect(&s.url("/users/")).await.unwrap().dcrf_envelopes();
+    let mut anon = TestClient::connect(&s.url("/users/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     let mut alice = TestClient::connect(&s.url("/users/?token=s3cret"))
         .await
-        .unwrap().dcrf_envelopes();
+        .unwrap()
+        .dcrf_envelopes();
 
     let listed = anon
         .request(json!({"action": "list", "request_id": 1}))
@@ -181,7 +185,10 @@ async fn anonymous_clients_read_and_signed_in_clients_write() {
 async fn an_anonymous_reader_receives_the_pushes_it_subscribed_to() {
     let (s, db) = serve().await;
     let ada = create_user(&db, "ada").await;
-    let mut anon = TestClient::connect(&s.url("/users/")).await.unwrap().dcrf_envelopes();
+    let mut anon = TestClient::connect(&s.url("/users/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         anon.request(json!({"action": "subscribe_instance", "pk": ada.id, "request_id": 1}))
             .await,
@@ -211,7 +218,10 @@ async fn an_anonymous_reader_receives_the_pushes_it_subscribed_to() {
 async fn pushes_of_refused_actions_are_not_sent_for_either_kind() {
     let (s, db) = serve().await;
     let ada = create_user(&db, "ada").await;
-    let mut c = TestClient::connect(&s.url("/guarded/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/guarded/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     // Refusing update and delete pushes leaves `create` for a group: the subscription stands.
     assert_eq!(
         c.request(json!({"action": "follow_all", "request_id": 2}))
@@ -231,7 +241,10 @@ async fn pushes_of_refused_actions_are_not_sent_for_either_kind() {
 async fn a_subscription_that_could_never_push_is_refused() {
     let (s, db) = serve().await;
     let ada = create_user(&db, "ada").await;
-    let mut c = TestClient::connect(&s.url("/guarded/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/guarded/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     assert_eq!(
         c.request(json!({"action": "subscribe_instance", "pk": ada.id, "request_id": 1}))
             .await,

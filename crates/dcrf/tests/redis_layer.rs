@@ -82,7 +82,10 @@ async fn redis_a_publish_right_after_the_subscribe_reply_is_delivered() {
     let other_node = Observer::new(&publishing, "redis-race");
     let run = std::process::id();
 
-    let mut c = TestClient::connect(&s.url("/ws/feed/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/ws/feed/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     for round in 0..25 {
         let topic = format!("{run}-{round}");
         assert_eq!(
@@ -116,7 +119,10 @@ async fn redis_a_publish_right_after_subscribe_returns_is_delivered() {
     let s = TestServer::start(router, app).await;
     let run = std::process::id();
 
-    let mut c = TestClient::connect(&s.url("/ws/feed/")).await.unwrap().dcrf_envelopes();
+    let mut c = TestClient::connect(&s.url("/ws/feed/"))
+        .await
+        .unwrap()
+        .dcrf_envelopes();
     for round in 0..25 {
         let topic = format!("{run}-{round}");
         c.send_json(json!({"action": "follow_then_publish", "topic": topic, "request_id": round}))

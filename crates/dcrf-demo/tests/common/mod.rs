@@ -226,4 +226,3 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
-

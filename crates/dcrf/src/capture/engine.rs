@@ -270,6 +270,8 @@ impl Engine {
             reason = reason.as_str(),
             "change capture: subscribers must resync"
         );
+        // The table's streams restart at a new epoch: their subscribers get resync notices.
+        self.sink.resync(table).await;
         let body = json!({ "table": table, "reason": reason.as_str() });
         if let Err(e) = self.observer.send(table, RESYNC_ACTION, &body).await {
             tracing::error!(error = %e, table, "change capture: cannot send a resync notice");

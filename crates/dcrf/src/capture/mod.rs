@@ -106,6 +106,11 @@
 //! then sends `{"errors": [], "data": {"table": "todo", "reason": "reconnected"},
 //! "action": "resync", "response_status": 200, "request_id": ...}`. In the process,
 //! [`Capture::on_resync`] and [`CaptureHandle::resyncs`] receive the same [`Resync`].
+//!
+//! The same notice reaches every subscription of the table's observers through their streams
+//! (see [delivery guarantees](crate::channel#delivery)): the streams restart at a new epoch, so
+//! each subscriber gets a `resync` push (a live list, a fresh snapshot) and a client resuming
+//! with an older position is answered `recovered: false`. A client needs to handle only that.
 
 mod engine;
 #[cfg(feature = "postgres")]

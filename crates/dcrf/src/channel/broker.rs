@@ -37,6 +37,10 @@ pub trait Broker: Send + Sync + 'static {
         since: Option<Position>,
     ) -> BoxFuture<'_, Result<StreamState, Error>>;
 
+    /// Restarts at a new epoch every stream whose group starts with `prefix` (their history is
+    /// dropped); their subscribers, on every node, are told to check and get resync notices.
+    fn restart(&self, prefix: Arc<str>) -> BoxFuture<'_, Result<(), Error>>;
+
     /// This node now has members of `group`: deliver its messages here. The future resolves
     /// once they will be (for Redis: once `SUBSCRIBE` is acknowledged). If the broker is
     /// unavailable it keeps the group and subscribes when it is back.

@@ -36,6 +36,8 @@ pub(crate) struct Lag {
     /// Every subscription must be checked against its stream.
     check: AtomicBool,
     notify: Notify,
+    /// Woken when the socket falls behind (for [`Lag::stuck`]).
+    fell_behind: Notify,
     timeout: Duration,
 }
 
@@ -45,6 +47,7 @@ impl Lag {
             behind: Mutex::new(None),
             check: AtomicBool::new(false),
             notify: Notify::new(),
+            fell_behind: Notify::new(),
             timeout,
         }
     }
@@ -57,6 +60,7 @@ impl Lag {
             None => {
                 *behind = Some(Instant::now());
                 self.notify.notify_one();
+                self.fell_behind.notify_one();
                 false
             }
         }
@@ -71,6 +75,24 @@ impl Lag {
     /// Waits until a catch-up is due.
     pub(crate) async fn due(&self) {
         self.notify.notified().await;
+    }
+
+    /// Resolves once the socket has been behind for longer than its timeout without a catch-up
+    /// (a client that stopped reading: its connection is stuck writing).
+    pub(crate) async fn stuck(&self) {
+        loop {
+            let since = *lock(&self.behind);
+            match since {
+                Some(t) => {
+                    let deadline = t + self.timeout;
+                    if Instant::now() >= deadline {
+                        return;
+                    }
+                    tokio::time::sleep_until(deadline.into()).await;
+                }
+                None => self.fell_behind.notified().await,
+            }
+        }
     }
 
     /// Starts a catch-up: clears the signal.
@@ -289,6 +311,9 @@ mod tests {
         hub.deliver(message("g"));
         slow.lag.take();
         hub.deliver(message("g"));
-        assert!(!slow.kick.is_cancelled(), "a new drop after a catch-up starts over");
+        assert!(
+            !slow.kick.is_cancelled(),
+            "a new drop after a catch-up starts over"
+        );
     }
 }

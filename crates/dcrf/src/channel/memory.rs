@@ -164,6 +164,28 @@ impl Broker for MemoryBroker {
         Box::pin(std::future::ready(Ok(StreamState { head, missed })))
     }
 
+    fn restart(&self, prefix: Arc<str>) -> BoxFuture<'_, Result<(), Error>> {
+        let now = Instant::now();
+        let restarted: Vec<Arc<str>> = {
+            let streams = lock(&self.streams);
+            streams
+                .by_group
+                .iter()
+                .filter(|(group, _)| group.starts_with(&*prefix))
+                .map(|(group, stream)| {
+                    *lock(stream) = Stream::new(now);
+                    group.clone()
+                })
+                .collect()
+        };
+        if let Some(hub) = self.hub.get().and_then(Weak::upgrade) {
+            for group in restarted {
+                hub.check_group(&group);
+            }
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn subscribe(&self, _group: Arc<str>) -> BoxFuture<'static, ()> {
         Box::pin(std::future::ready(()))
     }
@@ -222,7 +244,11 @@ mod tests {
         let bodies = |since: u64| {
             recover(&b, "g", Some(Position::new(epoch.clone(), since)))
                 .missed
-                .map(|v| v.iter().map(|m| m.body.get().to_owned()).collect::<Vec<_>>())
+                .map(|v| {
+                    v.iter()
+                        .map(|m| m.body.get().to_owned())
+                        .collect::<Vec<_>>()
+                })
         };
         assert_eq!(bodies(2), Some(vec!["3".into(), "4".into(), "5".into()]));
         assert_eq!(bodies(4), Some(vec!["5".into()]));
@@ -254,6 +280,22 @@ mod tests {
         let state = recover(&b, "g", Some(Position::new(epoch.clone(), 0)));
         assert_eq!(state.head, Position::new(epoch, 1), "the position stays");
         assert!(state.missed.is_none(), "the history is gone");
+    }
+
+    #[test]
+    fn a_restart_changes_the_epoch_of_matching_streams_only() {
+        let b = MemoryBroker::default();
+        let a1 = recover(&b, "a:1", None).head;
+        let other = recover(&b, "b:1", None).head;
+        publish(&b, "a:1", "1");
+        futures_util::FutureExt::now_or_never(b.restart("a:".into()))
+            .unwrap()
+            .unwrap();
+        let after = recover(&b, "a:1", Some(Position::new(a1.epoch.clone(), 0)));
+        assert_ne!(after.head.epoch, a1.epoch);
+        assert_eq!(after.head.offset, 0);
+        assert!(after.missed.is_none());
+        assert_eq!(recover(&b, "b:1", None).head, other);
     }
 
     #[test]

@@ -162,7 +162,9 @@ impl ChannelLayer {
     #[cfg(feature = "redis")]
     #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     pub async fn redis(url: &str) -> Result<ChannelLayer, Error> {
-        Ok(Self::new(RedisBroker::connect(url, HistoryOptions::default()).await?))
+        Ok(Self::new(
+            RedisBroker::connect(url, HistoryOptions::default()).await?,
+        ))
     }
 
     /// A layer from a URL: `memory` (or empty) or `redis://...` (feature `redis`).
@@ -185,6 +187,12 @@ impl ChannelLayer {
     /// Does this layer reach other nodes?
     pub fn is_remote(&self) -> bool {
         self.broker.is_remote()
+    }
+
+    /// Restarts every stream whose group starts with `prefix` at a new epoch: subscribers get
+    /// resync notices (see [`Broker::restart`]).
+    pub async fn restart_streams(&self, prefix: &str) -> Result<(), Error> {
+        self.broker.restart(prefix.into()).await
     }
 
     /// How many local connections are in a group.

@@ -305,6 +305,48 @@ impl Broker for RedisBroker {
         })
     }
 
+    fn restart(&self, prefix: Arc<str>) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            let pattern = format!("{}*", glob_escape(&meta_key(&prefix)));
+            let mut keys: Vec<String> = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(Error::layer)?;
+                keys.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+            let reset = redis::Script::new(RESET_SCRIPT);
+            for key in keys {
+                let Some(group) = key.strip_prefix("dcrf:m:") else {
+                    continue;
+                };
+                reset
+                    .key(meta_key(group))
+                    .key(history_key(group))
+                    .arg(channel(group))
+                    .arg(new_epoch())
+                    .arg(secs(self.options.meta_ttl))
+                    .arg(reset_notice(group))
+                    .invoke_async::<()>(&mut conn)
+                    .await
+                    .map_err(Error::layer)?;
+            }
+            Ok(())
+        })
+    }
+
     fn subscribe(&self, group: Arc<str>) -> BoxFuture<'static, ()> {
         let (ack, listening) = oneshot::channel();
         let _ = self.commands.send(Command::Subscribe(group, ack));
@@ -350,18 +392,7 @@ async fn publisher_loop(
             let mut pipe = redis::pipe();
             pipe.load_script(&reset).ignore();
             for group in &lost {
-                let notice = serde_json::to_string(&Wire {
-                    e: None,
-                    n: None,
-                    r: true,
-                    o: Cow::Borrowed(""),
-                    g: Cow::Borrowed(group),
-                    a: Cow::Borrowed("reset"),
-                    b: &NULL,
-                    m: None,
-                    k: None,
-                })
-                .unwrap_or_default();
+                let notice = reset_notice(group);
                 pipe.invoke_script(
                     reset
                         .key(meta_key(group))
@@ -375,10 +406,15 @@ async fn publisher_loop(
             }
             match pipe.query_async::<()>(&mut conn).await {
                 Ok(()) => {
-                    tracing::warn!(streams = lost.len(), "redis is back: streams that lost messages restarted at a new epoch");
+                    tracing::warn!(
+                        streams = lost.len(),
+                        "redis is back: streams that lost messages restarted at a new epoch"
+                    );
                     lost.clear();
                 }
-                Err(e) => tracing::warn!(error = %e, "redis unavailable: cannot restart streams yet"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis unavailable: cannot restart streams yet")
+                }
             }
         }
         let mut pipe = redis::pipe();
@@ -425,6 +461,34 @@ async fn publisher_loop(
             }
         }
     }
+}
+
+/// The notice a stream restart publishes on the group's channel.
+fn reset_notice(group: &str) -> String {
+    serde_json::to_string(&Wire {
+        e: None,
+        n: None,
+        r: true,
+        o: Cow::Borrowed(""),
+        g: Cow::Borrowed(group),
+        a: Cow::Borrowed("reset"),
+        b: &NULL,
+        m: None,
+        k: None,
+    })
+    .unwrap_or_default()
+}
+
+/// Escapes a literal for a Redis glob pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// `null`, as a raw body.
@@ -578,7 +642,10 @@ mod tests {
         })
         .unwrap();
         let text = String::from_utf8(payload.clone()).unwrap();
-        assert!(text.starts_with("{\"o\":"), "no position before the script adds it");
+        assert!(
+            text.starts_with("{\"o\":"),
+            "no position before the script adds it"
+        );
         // What the publish script does: the position goes first.
         let spliced = format!("{{\"e\":\"ep\",\"n\":7,{}", &text[1..]);
         let Some(Decoded::Event(m)) = decode(None, spliced.as_bytes()) else {

@@ -21,9 +21,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) use subscriptions::{
     Accept, Replay, Subscriptions, decorate, event_position, with_event_position, with_frame,
 };
-pub use subscriptions::{
-    Event, Joined, RESYNC, could_receive, default_push, may_receive, since,
-};
+pub use subscriptions::{Event, Joined, RESYNC, could_receive, default_push, may_receive, since};
 
 use crate::channel::{Delivery, Lag, Member};
 use crate::error::ApiError;

@@ -317,9 +317,7 @@ impl Subscriptions {
     ) -> Joined {
         self.add(observer, group, request_id, layer);
         layer.group_add(group, &ctx.member()).await;
-        let since = FRAME
-            .try_with(|f| f.since.clone())
-            .unwrap_or(Since::Absent);
+        let since = FRAME.try_with(|f| f.since.clone()).unwrap_or(Since::Absent);
         let asked = match &since {
             Since::At(p) => Some(p.clone()),
             _ => None,
@@ -352,9 +350,9 @@ impl Subscriptions {
                     let events: Vec<Arc<GroupMessage>> = missed
                         .into_iter()
                         .filter(|m| {
-                            m.position
-                                .as_ref()
-                                .is_some_and(|p| p.epoch == cursor.epoch && p.offset <= cursor.offset)
+                            m.position.as_ref().is_some_and(|p| {
+                                p.epoch == cursor.epoch && p.offset <= cursor.offset
+                            })
                         })
                         .collect();
                     let queued = FRAME.try_with(|f| {

@@ -44,7 +44,10 @@ pub const DEFAULT_LIVE_LIST_MAX: u64 = 1000;
 
 /// One change as a live list sees it: the row before and after (either may be absent).
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(bound(serialize = "M: Serialize", deserialize = "M: serde::de::DeserializeOwned"))]
+#[serde(bound(
+    serialize = "M: Serialize",
+    deserialize = "M: serde::de::DeserializeOwned"
+))]
 pub(crate) struct ListChange<M> {
     old: Option<M>,
     new: Option<M>,
@@ -58,6 +61,10 @@ pub(crate) struct ListObserver<C: ModelConsumer> {
 }
 
 impl<C: ModelConsumer> ErasedObserver for ListObserver<C> {
+    fn id(&self) -> &str {
+        self.observer.id()
+    }
+
     fn messages(
         &self,
         old: Option<&Object>,
@@ -291,12 +298,9 @@ fn delete_body<C: ModelConsumer>(c: &C, row: &ModelOf<C>) -> Option<Box<RawValue
 
 /// Pushes a live-list event to each list it concerns; false for events of other observers.
 #[doc(hidden)]
-pub async fn handle_list_event<C: ModelConsumer>(
-    c: &C,
-    ctx: &Ctx,
-    event: &Event<'_>,
-) -> bool {
-    if !c.actions().contains(ModelActions::SUBSCRIBE_LIST) || event.observer() != c.list_observer_id()
+pub async fn handle_list_event<C: ModelConsumer>(c: &C, ctx: &Ctx, event: &Event<'_>) -> bool {
+    if !c.actions().contains(ModelActions::SUBSCRIBE_LIST)
+        || event.observer() != c.list_observer_id()
     {
         return false;
     }
@@ -355,7 +359,9 @@ pub async fn handle_list_event<C: ModelConsumer>(
                     .await;
             }
         } else {
-            let _ = ctx.push(action, Some(rid), event.body(), StatusCode::OK).await;
+            let _ = ctx
+                .push(action, Some(rid), event.body(), StatusCode::OK)
+                .await;
         }
     }
     true

@@ -88,9 +88,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::change::ChangeKind;
 pub use db::{Db, DbOptions, Txn, TxnHooks};
+pub use live::DEFAULT_LIVE_LIST_MAX;
 #[doc(hidden)]
 pub use live::handle_list_event;
-pub use live::DEFAULT_LIVE_LIST_MAX;
 #[doc(hidden)]
 pub use lookup::json_to_value;
 pub use lookup::{column_named, primary_key_column};
