@@ -31,6 +31,7 @@ use clap::{Parser, ValueEnum};
   dcrf-bench retrieve --url ws://127.0.0.1:8000/ws/todos/ --connections 50 --rows 1000 --json
   dcrf-bench fanout --url ws://127.0.0.1:8000/ws/todos/ --connections 1000 --pk 1 --duration 10
   dcrf-bench idle --url ws://127.0.0.1:8000/ws/echo/ --connections 10000 --server-pid 1234
+  dcrf-bench resume --url ws://127.0.0.1:8000/ws/todos/ --missed 1000 --rows 1000 --duration 10
   dcrf-bench raw-echo --bind 127.0.0.1:9000")]
 pub struct Args {
     /// The scenario to run (or `raw-echo` to serve the baseline echo server).
@@ -93,6 +94,10 @@ pub struct Args {
     #[arg(long, value_enum, value_name = "HOW", default_value_t = Subscribe::Instance)]
     pub subscribe: Subscribe,
 
+    /// `resume` only: the pushes a subscriber misses before it resumes.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub missed: usize,
+
     /// `fanout` only: the primary key of the row the writer patches (and subscribers watch).
     #[arg(long, value_name = "PK", default_value_t = 1)]
     pub pk: u64,
@@ -143,6 +148,9 @@ pub enum Scenario {
     /// Opens `--connections` connections and holds them; reports the server's memory per
     /// connection (needs `--server-pid`).
     Idle,
+    /// A subscriber misses `--missed` pushes and resumes with `since`; measures the time from
+    /// the resubscribe to the last recovered push (on /ws/todos/).
+    Resume,
     /// Not a load scenario: serves a bare WebSocket echo server on `--bind` (every text frame
     /// is sent back unchanged), the ceiling for `echo` and `idle`.
     RawEcho,
@@ -159,6 +167,7 @@ impl Scenario {
             Scenario::Patch => "patch",
             Scenario::Fanout => "fanout",
             Scenario::Idle => "idle",
+            Scenario::Resume => "resume",
             Scenario::RawEcho => "raw-echo",
         }
     }

@@ -21,6 +21,7 @@ mod idle;
 mod load;
 mod proto;
 mod raw_echo;
+mod resume;
 mod stats;
 
 use cli::{Args, Scenario};
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
             | Scenario::Patch => load::run(&args, threads, client_cores).await.map(Some),
             Scenario::Fanout => fanout::run(&args, threads, client_cores).await.map(Some),
             Scenario::Idle => idle::run(&args, threads, client_cores).await.map(Some),
+            Scenario::Resume => resume::run(&args, threads, client_cores).await.map(Some),
         }
     });
     // Do not wait for tasks still holding sockets.

@@ -175,3 +175,65 @@ async fn subscriptions_recover_after_redis_restarts(backend: Backend) {
     );
     redis.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_client_resumes_on_the_other_node_sqlite() {
+    a_client_resumes_on_the_other_node(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_client_resumes_on_the_other_node_postgres() {
+    a_client_resumes_on_the_other_node(Backend::Postgres).await;
+}
+
+/// Positions are the stream's, not a node's: a client that read pushes through node A
+/// resumes through node B with `since` and gets exactly what it missed, from Redis's history.
+async fn a_client_resumes_on_the_other_node(backend: Backend) {
+    require_redis();
+    let redis = RedisServer::start_on_free_port();
+    let (database, _dir) = shared_database(backend, "resume").await;
+    let a = Demo::start(&database, &redis.url(), 0);
+    let b = Demo::start(&database, &redis.url(), 0);
+    let mut writer = TestClient::connect(&b.url("/ws/todos/")).await.unwrap();
+    let mut sub = TestClient::connect(&a.url("/ws/todos/")).await.unwrap();
+    let reply = sub
+        .request(json!({"action": "subscribe_list", "filters": {"done": false}, "request_id": "L"}))
+        .await;
+    assert_eq!(reply["data"]["results"], json!([]));
+    let create = |title: &str, done: bool| json!({"action": "create", "data": {"title": title, "done": done}, "request_id": title});
+    writer.request(create("seen", false)).await;
+    let seen = sub.receive_json().await;
+    assert_eq!(seen["action"], "create");
+    let since = seen["position"].clone();
+    sub.close().await;
+    let missed = writer.request(create("missed", false)).await["data"].clone();
+    writer.request(create("filtered out", true)).await;
+    let moved = writer
+        .request(json!({"action": "patch", "pk": seen["data"]["id"], "data": {"done": true}, "request_id": "p"}))
+        .await;
+    assert_eq!(moved["response_status"], 200);
+
+    let mut back = TestClient::connect(&b.url("/ws/todos/")).await.unwrap();
+    let reply = back
+        .request(json!({"action": "subscribe_list", "filters": {"done": false}, "request_id": "L", "since": since}))
+        .await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(reply["position"]["epoch"], since["epoch"]);
+    assert_eq!(
+        reply["position"]["offset"],
+        since["offset"].as_u64().unwrap() + 3
+    );
+    let first = back.receive_json().await;
+    assert_eq!(
+        (&first["action"], &first["data"]),
+        (&json!("create"), &missed)
+    );
+    let second = back.receive_json().await;
+    assert_eq!(second["action"], "delete");
+    assert_eq!(second["data"]["id"], seen["data"]["id"]);
+    assert_eq!(
+        second["position"]["offset"],
+        since["offset"].as_u64().unwrap() + 3
+    );
+    back.receive_nothing().await;
+}

@@ -218,7 +218,7 @@ async fn run(urls: Vec<String>) {
             tokio::spawn(subscriber(
                 urls.clone(),
                 f.clone(),
-                seed ^ (i as u64 + 1) * 0x1000,
+                seed ^ ((i as u64 + 1) * 0x1000),
                 done.clone(),
             ))
         })

@@ -288,6 +288,9 @@ struct Subscription {
     cursor: Option<Position>,
 }
 
+/// The request ids of one subscription, shared with the events being handled.
+pub(crate) type RequestIds = Arc<Vec<Box<RawValue>>>;
+
 /// What to do with an event of a subscribed group.
 #[derive(Debug)]
 pub(crate) enum Accept {
@@ -443,7 +446,7 @@ impl Subscriptions {
         &self,
         group: &str,
         head: Position,
-    ) -> Option<(Arc<str>, Arc<Vec<Box<RawValue>>>)> {
+    ) -> Option<(Arc<str>, RequestIds)> {
         let mut groups = lock(&self.groups);
         let sub = groups.get_mut(group)?;
         sub.cursor = Some(head);

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::http::StatusCode;
 use sea_orm::sea_query::value::sea_value_to_json_value;
-use sea_orm::{EntityName, EntityTrait, QuerySelect};
+use sea_orm::{EntityName, QuerySelect};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -129,7 +129,7 @@ pub(crate) fn list_observer<C: ModelConsumer>(c: &C) -> Arc<ListObserver<C>> {
 
 /// One live list of a connection: its filters, and its frame (to take a new snapshot).
 struct Spec<C: ModelConsumer> {
-    filters: Vec<(<C::Entity as EntityTrait>::Column, Option<sea_orm::Value>)>,
+    filters: pagination::Filters<C::Entity>,
     frame: String,
 }
 

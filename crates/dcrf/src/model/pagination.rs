@@ -121,11 +121,14 @@ pub(crate) async fn fetch_page<C: ModelConsumer>(
     })
 }
 
+/// Equality filters: a column and its value (`None`: `IS NULL`).
+pub(crate) type Filters<E> = Vec<(<E as EntityTrait>::Column, Option<sea_orm::Value>)>;
+
 /// Reads `{"filters": {"field": value}}`: allowed fields only; `None` stands for `null`.
 pub(crate) fn parse_filters<E: EntityTrait>(
     frame: &Frame<'_>,
     allowed: &[&str],
-) -> Result<Vec<(E::Column, Option<sea_orm::Value>)>, ApiError> {
+) -> Result<Filters<E>, ApiError> {
     let Some(raw) = frame.field("filters") else {
         return Ok(Vec::new());
     };
