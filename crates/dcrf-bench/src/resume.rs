@@ -92,7 +92,7 @@ async fn write_missed(
         while sent < missed && sent - answered < 64 {
             let pk = sent as u64 % rows.max(1) + 1;
             let frame = json!({"action": "patch", "pk": pk,
-                               "data": {"done": (round + sent as u64) % 2 == 0}, "request_id": sent});
+                               "data": {"done": (round + sent as u64).is_multiple_of(2)}, "request_id": sent});
             ws.send(Message::text(frame.to_string()))
                 .await
                 .map_err(|e| format!("write: {e}"))?;
