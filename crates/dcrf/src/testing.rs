@@ -377,6 +377,7 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
             inbox: inbox_tx,
             kick: tokio_util::sync::CancellationToken::new(),
             stream: None,
+            guard: Dcrf::new().guard(None),
         };
         LocalConnection {
             consumer,
