@@ -69,33 +69,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_connections_per_ip: args.max_connections_per_ip,
     };
     let (router, app) = dcrf_demo::build(&config).await?;
+    let shutdown = shutdown_signal();
     // Scripts read this line to find the address (port 0 picks one).
     let mut out = std::io::stdout();
     let _ = writeln!(out, "dcrf-demo listening on {addr}");
     let _ = out.flush();
-    dcrf::serve(listener, router, &app, shutdown_signal()).await?;
+    dcrf::serve(listener, router, &app, shutdown).await?;
     // The reader may be gone by now; a closed stdout is not an error.
     let _ = writeln!(out, "dcrf-demo stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes on SIGTERM or ctrl-c. The handlers are registered when this is called, not when
+/// the future is first polled: a signal sent right after the "listening" line is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
