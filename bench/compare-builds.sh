@@ -18,7 +18,9 @@ run() { # label demo scenario path flags...
   shift 4
   local dir
   dir=$(mktemp -d)
-  taskset -c 0 "$demo" --bind 127.0.0.1:18499 --database "sqlite://$dir/db.sqlite3?mode=rwc" \
+  # Environment, not flags: builds older than the connection caps ignore it.
+  DCRF_DEMO_MAX_CONNECTIONS=100000 DCRF_DEMO_MAX_CONNECTIONS_PER_IP=100000 \
+    taskset -c 0 "$demo" --bind 127.0.0.1:18499 --database "sqlite://$dir/db.sqlite3?mode=rwc" \
     --seed 1000 >/dev/null 2>&1 &
   local pid=$!
   for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/18499) 2>/dev/null && break; sleep 0.1; done

@@ -247,6 +247,9 @@ start_server() {
     dcrf)
       port=$((PORT + 1))
       fresh_db dcrf
+      # Every benchmark client is 127.0.0.1: lift the connection caps (default 10,000 and
+      # 1,000 per IP) above the largest run.
+      DCRF_DEMO_MAX_CONNECTIONS=100000 DCRF_DEMO_MAX_CONNECTIONS_PER_IP=100000 \
       RUST_LOG=warn taskset -c "$SERVER_CPU" "$DEMO" --bind "127.0.0.1:$port" \
         --database "$DEMO_DB_URL" --seed "$ROWS" >"$logfile" 2>&1 &
       ;;

@@ -22,8 +22,21 @@ pub mod things;
 pub mod todos;
 
 /// The JWT secret the demo uses when none is given (`--jwt-secret`): fine for a demo, never
-/// for production.
+/// for production. The binary refuses to serve a non-loopback address with it.
 pub const DEFAULT_JWT_SECRET: &str = "dcrf-demo-insecure-secret";
+
+/// Is `secret` acceptable for a server listening on `addr`? The built-in
+/// [`DEFAULT_JWT_SECRET`] is public: anyone could sign tokens with it, so it is only for
+/// loopback addresses. `Err` is the message to print.
+pub fn check_jwt_secret(secret: &str, addr: std::net::SocketAddr) -> Result<(), String> {
+    if secret == DEFAULT_JWT_SECRET && !addr.ip().is_loopback() {
+        return Err(format!(
+            "refusing to listen on {addr} with the built-in JWT secret (anyone can sign tokens \
+             with it); set --jwt-secret or DCRF_DEMO_JWT_SECRET, or bind a loopback address"
+        ));
+    }
+    Ok(())
+}
 
 /// How the demo is set up.
 #[derive(Debug, Clone)]
@@ -36,6 +49,10 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Channel layer: `memory` (one process) or `redis://host:port` (several).
     pub layer: String,
+    /// The most connections served at once ([`Dcrf::max_connections`]).
+    pub max_connections: usize,
+    /// The most connections from one client IP ([`Dcrf::max_connections_per_ip`]).
+    pub max_connections_per_ip: usize,
 }
 
 /// The default database: a SQLite file in the working directory.
@@ -48,6 +65,8 @@ impl Default for DemoConfig {
             database: DEFAULT_DATABASE.to_owned(),
             seed: 0,
             layer: "memory".to_owned(),
+            max_connections: dcrf::server::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: dcrf::server::DEFAULT_MAX_CONNECTIONS_PER_IP,
         }
     }
 }
@@ -55,7 +74,10 @@ impl Default for DemoConfig {
 /// Builds the demo's router and application settings.
 pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Error> {
     let auth = JwtAuth::hs256(config.jwt_secret.as_bytes())?;
-    let app = Dcrf::new().authenticator(auth);
+    let app = Dcrf::new()
+        .authenticator(auth)
+        .max_connections(config.max_connections)
+        .max_connections_per_ip(config.max_connections_per_ip);
     let layer = dcrf::channel::ChannelLayer::from_url(&config.layer).await?;
     let db = dcrf::model::Db::connect_with_layer(&config.database, layer).await?;
     todos::setup(&db, config.seed).await?;

@@ -7,7 +7,7 @@
 use std::io::Write;
 
 use clap::Parser;
-use dcrf_demo::{DEFAULT_DATABASE, DEFAULT_JWT_SECRET, DemoConfig};
+use dcrf_demo::{DEFAULT_DATABASE, DEFAULT_JWT_SECRET, DemoConfig, check_jwt_secret};
 
 /// The dcrf demo server: DCRF's JSON protocol over WebSockets.
 #[derive(Debug, Parser)]
@@ -30,6 +30,12 @@ struct Args {
     /// Insert this many todos at start ("Todo 1", "Todo 2", ...).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The most connections served at once; more are answered HTTP 503.
+    #[arg(long, env = "DCRF_DEMO_MAX_CONNECTIONS", default_value_t = dcrf::server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// The most connections from one client IP address; more are answered HTTP 503.
+    #[arg(long, env = "DCRF_DEMO_MAX_CONNECTIONS_PER_IP", default_value_t = dcrf::server::DEFAULT_MAX_CONNECTIONS_PER_IP)]
+    max_connections_per_ip: usize,
 }
 
 #[tokio::main]
@@ -42,42 +48,62 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind(&args.bind).await?;
+    let addr = listener.local_addr()?;
+    if let Err(refusal) = check_jwt_secret(&args.jwt_secret, addr) {
+        tracing::error!("{refusal}");
+        std::process::exit(2);
+    }
+    if args.jwt_secret == DEFAULT_JWT_SECRET {
+        tracing::warn!(
+            "serving with the built-in JWT secret: fine on loopback, never in production \
+             (set --jwt-secret or DCRF_DEMO_JWT_SECRET)"
+        );
+    }
     let config = DemoConfig {
         jwt_secret: args.jwt_secret,
         database: args.database,
         seed: args.seed,
         layer: args.layer,
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
     };
     let (router, app) = dcrf_demo::build(&config).await?;
-    let listener = tokio::net::TcpListener::bind(&args.bind).await?;
-    let addr = listener.local_addr()?;
+    let shutdown = shutdown_signal();
     // Scripts read this line to find the address (port 0 picks one).
     let mut out = std::io::stdout();
     let _ = writeln!(out, "dcrf-demo listening on {addr}");
     let _ = out.flush();
-    dcrf::serve(listener, router, &app, shutdown_signal()).await?;
+    dcrf::serve(listener, router, &app, shutdown).await?;
     // The reader may be gone by now; a closed stdout is not an error.
     let _ = writeln!(out, "dcrf-demo stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Completes on SIGTERM or ctrl-c. The handlers are registered when this is called, not when
+/// the future is first polled: a signal sent right after the "listening" line is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }

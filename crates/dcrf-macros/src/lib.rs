@@ -499,7 +499,7 @@ fn action(
             let helpers = owned_parameters(spec.kind, ident);
             // What the checks above do not catch is reported at the action's name.
             let spawn = quote_spanned! {ident.span()=>
-                ctx.spawn_action(action, frame.request_id(), Self::#ident(#(#vars),*))
+                ctx.start_detached(action, frame.request_id(), Self::#ident(#(#vars),*)).await
             };
             quote! {
                 #name => {

@@ -79,6 +79,8 @@ pub mod channel;
 pub mod consumer;
 pub mod error;
 pub mod extract;
+mod guard;
+mod listener;
 #[cfg(feature = "model")]
 #[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 pub mod model;

@@ -123,11 +123,11 @@ impl Demultiplexer {
     }
 
     async fn upgrade(&self, req: Request) -> Response {
-        let (ws, scope) = match self.app.handshake(req).await {
+        let (ws, scope, guard) = match self.app.handshake(req).await {
             Ok(accepted) => accepted,
             Err(refused) => return refused,
         };
-        let (link, queues) = self.app.link(None);
+        let (link, queues) = self.app.link(None, guard);
         let mut streams = HashMap::new();
         let mut by_member = HashMap::new();
         for (name, open) in &self.streams {
@@ -147,6 +147,7 @@ impl Demultiplexer {
             streams,
             by_member,
             out: link.out,
+            guard: link.guard,
         };
         self.app.accept(ws, session, queues)
     }
@@ -157,6 +158,7 @@ struct MuxSession {
     streams: HashMap<Arc<str>, Box<dyn DynStream>>,
     by_member: HashMap<u64, Arc<str>>,
     out: tokio::sync::mpsc::Sender<Outbound>,
+    guard: Arc<crate::guard::Guard>,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +242,9 @@ impl Session for MuxSession {
                     // Answer with the payload's action and request id, so clients can match it.
                     let frame = Frame::parse(payload.get()).ok();
                     let action = frame.as_ref().and_then(|f| f.action_str());
+                    if let Some(err) = frame.as_ref().and_then(|f| self.guard.check_request_id(f)) {
+                        return send_error(&self.out, Some(&name), &err, action, None).await;
+                    }
                     let rid = frame.as_ref().and_then(|f| f.request_id());
                     let err = ApiError::new(
                         axum::http::StatusCode::NOT_FOUND,

@@ -29,6 +29,31 @@
 //! A message larger than [`Dcrf::max_message_size`] (default 1 MiB) is not read: the server
 //! closes the connection with close code **1009** (Message Too Big), as RFC 6455 prescribes.
 //! Buffering an oversized message only to answer it would defeat the limit.
+//!
+//! ## Limits and closes
+//!
+//! Everything a client can make the server hold is capped; the caps, their defaults, where
+//! they are set and what a client sees are in one table, [`docs/limits.md`][limits]. In short:
+//! handshakes must arrive within [`Dcrf::handshake_timeout`]; [`serve`] admits at most
+//! [`Dcrf::max_connections`] sockets ([`Dcrf::max_connections_per_ip`] per client address) and
+//! answers the others HTTP 503; a `request_id` over [`Dcrf::max_request_id_size`] answers 400;
+//! a reply over [`Dcrf::max_reply_size`] is replaced by a 413 error frame; more than
+//! [`Dcrf::max_detached_actions`] detached actions at once answer 503.
+//!
+//! Close codes (RFC 6455 and the application range):
+//!
+//! | code | when |
+//! |---|---|
+//! | the client's own | the client sent a Close frame: it is echoed |
+//! | 1001 | server shutdown |
+//! | 1002 | protocol error: RSV bits set, a reserved opcode, an unmasked client frame, a fragmented or oversized (> 125 bytes) control frame, a continuation without a start |
+//! | 1007 | a text frame that is not UTF-8 |
+//! | 1009 | a message over [`Dcrf::max_message_size`] |
+//! | 1011 | keepalive: nothing (not even a pong) arrived for [`Dcrf::ping_interval`] + [`Dcrf::pong_timeout`] |
+//! | 1013 | too slow: the connection's event inbox overflowed |
+//! | 4401 | the credential expired (see [`auth`](crate::auth); `refresh_token` moves the deadline) |
+//!
+//! [limits]: https://github.com/dcrf-rs/dcrf-rs/blob/main/docs/limits.md
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,7 +67,6 @@ use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
-use axum::serve::ListenerExt;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -55,6 +79,9 @@ use crate::channel::{Delivery, GroupMessage, Lag, Position};
 use crate::consumer::{Accept, Event, RESYNC, Replay};
 use crate::consumer::{Consumer, Ctx, Dispatched, Link, Outbound, catch_panic};
 use crate::error::ApiError;
+pub use crate::guard::{CLOSE_KEEPALIVE_TIMEOUT, CLOSE_TOKEN_EXPIRED};
+use crate::guard::{Guard, SocketLimits};
+use crate::listener::ServeLimits;
 use crate::permission::{Permission, Permissions};
 use crate::protocol::Frame;
 use crate::scope::{Scope, parse_cookies};
@@ -85,6 +112,8 @@ pub struct Dcrf {
     slow_client_timeout: Duration,
     socket_buffers: (usize, usize),
     allowed_origins: Option<Arc<[String]>>,
+    serve_limits: ServeLimits,
+    socket_limits: SocketLimits,
     shutdown: CancellationToken,
     connections: TaskTracker,
     slow_closes: Arc<std::sync::atomic::AtomicU64>,
@@ -96,6 +125,8 @@ impl std::fmt::Debug for Dcrf {
             .field("max_message_size", &self.max_message_size)
             .field("outbound_queue", &self.outbound_queue)
             .field("allowed_origins", &self.allowed_origins)
+            .field("serve_limits", &self.serve_limits)
+            .field("socket_limits", &self.socket_limits)
             .finish_non_exhaustive()
     }
 }
@@ -117,10 +148,29 @@ pub const DEFAULT_EVENT_QUEUE: usize = 1024;
 pub const DEFAULT_SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default WebSocket read and write buffer sizes, in bytes, per connection.
 pub const DEFAULT_SOCKET_BUFFERS: (usize, usize) = (2 * 1024, 8 * 1024);
+/// The default time a client has to send its whole HTTP request head: 10 s.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default time [`serve`] waits for connections to end after shutdown begins: 10 s.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The default cap on open connections per [`serve`]: 10,000.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The default cap on open connections from one client IP address: 1,000.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 1_000;
+/// The default cap on a frame's `request_id`, in bytes of JSON: 1 KiB.
+pub const DEFAULT_MAX_REQUEST_ID_SIZE: usize = 1024;
+/// The default cap on one outbound frame, in bytes: 16 MiB.
+pub const DEFAULT_MAX_REPLY_SIZE: usize = 16 << 20;
+/// The default cap on detached actions running at once on one socket: 64.
+pub const DEFAULT_MAX_DETACHED_ACTIONS: usize = 64;
+/// The default interval between keepalive pings: 25 s.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(25);
+/// The default grace after a ping before a silent peer is closed: 20 s.
+pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Dcrf {
     /// Anonymous users, [`AllowAny`](crate::permission::AllowAny), 1 MiB messages, a queue of 256
-    /// frames per connection, any Origin.
+    /// frames per connection, same-origin cookie sockets, and the limits of `docs/limits.md`
+    /// (the `DEFAULT_*` constants of this module).
     pub fn new() -> Self {
         Dcrf {
             auth: Arc::new(NoAuth),
@@ -131,6 +181,18 @@ impl Dcrf {
             slow_client_timeout: DEFAULT_SLOW_CLIENT_TIMEOUT,
             socket_buffers: DEFAULT_SOCKET_BUFFERS,
             allowed_origins: None,
+            serve_limits: ServeLimits {
+                handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+                shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            },
+            socket_limits: SocketLimits {
+                max_request_id: DEFAULT_MAX_REQUEST_ID_SIZE,
+                max_reply: DEFAULT_MAX_REPLY_SIZE,
+                max_detached: DEFAULT_MAX_DETACHED_ACTIONS,
+                keepalive: Some((DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT)),
+            },
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
             slow_closes: Arc::default(),
@@ -201,8 +263,13 @@ impl Dcrf {
     }
 
     /// Origins allowed to open a socket that carries cookies (against cross-site WebSocket
-    /// hijacking). A handshake with cookies whose `Origin` is missing or not listed is refused
-    /// with 403. Handshakes without cookies (tokens) are not checked.
+    /// hijacking), e.g. `https://app.example`. A handshake with cookies whose `Origin` is
+    /// missing or not listed is refused with 403.
+    ///
+    /// Without a list (the default) a cookie-carrying handshake must be same-origin: its
+    /// `Origin`'s host and port must be the request's `Host`, else 403. Handshakes without
+    /// cookies (tokens) are never checked: a page on another site cannot make a browser send
+    /// them.
     pub fn allowed_origins<I, S>(mut self, origins: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -210,6 +277,93 @@ impl Dcrf {
     {
         self.allowed_origins = Some(origins.into_iter().map(Into::into).collect());
         self
+    }
+
+    /// How long a client has to send its whole HTTP request head (the WebSocket handshake or
+    /// any HTTP request) after connecting, or between two requests on a kept-alive connection;
+    /// a socket that sends nothing, or trickles header lines, is closed then. Default 10 s.
+    /// Applied by [`serve`].
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.serve_limits.handshake_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long [`serve`] waits, after its shutdown signal, for connections to finish; then it
+    /// returns whatever clients do. Default 10 s.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.serve_limits.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The most connections [`serve`] keeps open at once (WebSockets, plain HTTP and handshakes
+    /// in progress). One more is answered HTTP 503 and closed. Default 10,000.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.serve_limits.max_connections = connections;
+        self
+    }
+
+    /// The most connections [`serve`] keeps open from one client IP address (IPv4-mapped IPv6
+    /// addresses count as IPv4); one more is answered HTTP 503. Default 1,000. Behind a reverse
+    /// proxy every client has the proxy's address: raise it there.
+    pub fn max_connections_per_ip(mut self, connections: usize) -> Self {
+        self.serve_limits.max_connections_per_ip = connections;
+        self
+    }
+
+    /// The largest `request_id` a frame may carry, in bytes of its JSON text. A longer one is
+    /// answered with a 400 error frame (with `request_id: null`, since echoing it is what the
+    /// cap prevents) and the connection stays open. Default 1 KiB.
+    pub fn max_request_id_size(mut self, bytes: usize) -> Self {
+        self.socket_limits.max_request_id = bytes;
+        self
+    }
+
+    /// The largest frame the server sends, in bytes. A reply over it is not sent: the client
+    /// gets a **413** error frame with the reply's `action` and `request_id` instead (413 because
+    /// the client can act on it: ask for less, e.g. a smaller page); serialization stops at the
+    /// cap. Default 16 MiB.
+    pub fn max_reply_size(mut self, bytes: usize) -> Self {
+        self.socket_limits.max_reply = bytes.max(1024);
+        self
+    }
+
+    /// How many detached actions (`#[action(detached)]`, [`Ctx::spawn_action`]) may run at once
+    /// on one socket (all streams of a multiplexed socket together). One more does not run: it
+    /// is answered with a **503** error frame (the server is busy for this client, not
+    /// throttling it: 429 is left to rate limiting). Default 64.
+    pub fn max_detached_actions(mut self, actions: usize) -> Self {
+        self.socket_limits.max_detached = actions;
+        self
+    }
+
+    /// How often the server pings each WebSocket. `Duration::ZERO` turns keepalive off.
+    /// Default 25 s. See [`pong_timeout`](Self::pong_timeout).
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        let timeout = self
+            .socket_limits
+            .keepalive
+            .map_or(DEFAULT_PONG_TIMEOUT, |(_, t)| t);
+        self.socket_limits.keepalive = (!interval.is_zero()).then_some((interval, timeout));
+        self
+    }
+
+    /// How long past a ping interval a silent peer is kept: a socket from which nothing (no
+    /// frame, no pong) arrived for `ping_interval + pong_timeout` is closed with 1011. Default
+    /// 20 s.
+    pub fn pong_timeout(mut self, timeout: Duration) -> Self {
+        if let Some((_, t)) = &mut self.socket_limits.keepalive {
+            *t = timeout;
+        }
+        self
+    }
+
+    /// A new socket's guard, with its credential's expiry.
+    pub(crate) fn guard(&self, expires_at: Option<u64>) -> Arc<Guard> {
+        Arc::new(Guard::new(
+            self.socket_limits,
+            self.auth.clone(),
+            expires_at,
+        ))
     }
 
     /// Starts a graceful shutdown: every connection finishes its current action, gets a close
@@ -242,11 +396,11 @@ impl Dcrf {
     }
 
     async fn upgrade<C: Consumer>(self, consumer: C, req: Request) -> Response {
-        let (ws, scope) = match self.handshake(req).await {
+        let (ws, scope, guard) = match self.handshake(req).await {
             Ok(accepted) => accepted,
             Err(refused) => return refused,
         };
-        let (link, queues) = self.link(None);
+        let (link, queues) = self.link(None, guard);
         let stream = match StreamSession::open(consumer, scope, link, &self.permissions).await {
             Ok(stream) => stream,
             Err(refused) => return refused,
@@ -255,11 +409,11 @@ impl Dcrf {
     }
 
     /// Checks and describes a handshake: shutdown, upgrade headers, Origin, authentication;
-    /// builds the scope. An error is the HTTP response that refuses it.
+    /// builds the scope and the socket's guard. An error is the HTTP response that refuses it.
     pub(crate) async fn handshake(
         &self,
         req: Request,
-    ) -> Result<(WebSocketUpgrade, Scope), Response> {
+    ) -> Result<(WebSocketUpgrade, Scope, Arc<Guard>), Response> {
         let (mut parts, _body) = req.into_parts();
         let ws = WebSocketUpgrade::from_request_parts(&mut parts, &())
             .await
@@ -270,11 +424,15 @@ impl Dcrf {
         if !self.origin_allowed(&parts) {
             return Err((StatusCode::FORBIDDEN, "origin not allowed").into_response());
         }
-        let user = self
+        let verified = self
             .auth
-            .authenticate(&parts)
+            .authenticate_session(&parts)
             .await
             .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()).into_response())?;
+        let (user, expires_at) = match verified {
+            Some(v) => (Some(v.user), v.expires_at),
+            None => (None, None),
+        };
         let path_params = match RawPathParams::from_request_parts(&mut parts, &()).await {
             Ok(params) => params
                 .iter()
@@ -300,11 +458,11 @@ impl Dcrf {
                 .map(|c| c.0),
             headers: parts.headers,
         };
-        Ok((ws, scope))
+        Ok((ws, scope, self.guard(expires_at)))
     }
 
     /// The queues of one socket, and the link its contexts send through.
-    pub(crate) fn link(&self, stream: Option<Arc<str>>) -> (Link, Queues) {
+    pub(crate) fn link(&self, stream: Option<Arc<str>>, guard: Arc<Guard>) -> (Link, Queues) {
         let (out, rx) = mpsc::channel(self.outbound_queue);
         let (inbox_tx, inbox) = mpsc::channel(self.event_queue);
         let kick = CancellationToken::new();
@@ -316,12 +474,14 @@ impl Dcrf {
                 lag: lag.clone(),
                 kick: kick.clone(),
                 stream,
+                guard: guard.clone(),
             },
             Queues {
                 rx,
                 inbox,
                 lag,
                 kick,
+                guard,
             },
         )
     }
@@ -353,23 +513,68 @@ impl Dcrf {
     }
 
     fn origin_allowed(&self, parts: &axum::http::request::Parts) -> bool {
-        let Some(allowed) = &self.allowed_origins else {
-            return true;
-        };
         if !parts.headers.contains_key(header::COOKIE) {
             return true;
         }
-        parts
+        let Some(origin) = parts
             .headers
             .get(header::ORIGIN)
             .and_then(|o| o.to_str().ok())
-            .is_some_and(|origin| allowed.iter().any(|a| a == origin))
+        else {
+            return false;
+        };
+        match &self.allowed_origins {
+            Some(allowed) => allowed.iter().any(|a| a == origin),
+            None => same_origin(origin, parts),
+        }
     }
+}
+
+/// Does an `Origin` (`scheme://host[:port]`) name the request's own `Host`?
+fn same_origin(origin: &str, parts: &axum::http::request::Parts) -> bool {
+    let Some(host) = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+    else {
+        return false;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => "80",
+        "https" | "wss" => "443",
+        _ => return false,
+    };
+    // `Host` may leave out the scheme's default port; the origin may spell it out.
+    let with_port = |a: &str| -> String {
+        let a = a.to_ascii_lowercase();
+        let has_port = match a.strip_prefix('[') {
+            Some(v6) => v6.contains("]:"),
+            None => a.contains(':'),
+        };
+        if has_port {
+            a
+        } else {
+            format!("{a}:{default_port}")
+        }
+    };
+    with_port(authority) == with_port(host)
 }
 
 /// Serves a router until `signal` completes, then shuts down gracefully: stops accepting, sends
 /// every WebSocket a close frame (1001) once its current action is done, waits for the
-/// connections to end (at most 10 seconds) and returns.
+/// connections to end (at most [`Dcrf::shutdown_timeout`], default 10 s) and returns.
+///
+/// Connections are HTTP/1.1 (WebSockets upgrade from it), with the limits of [`Dcrf`]: the
+/// request head must arrive within [`Dcrf::handshake_timeout`] (a socket that sends nothing is
+/// closed then too), at most [`Dcrf::max_connections`] at once and
+/// [`Dcrf::max_connections_per_ip`] per client address (the rest are answered HTTP 503), and an
+/// accept error such as `EMFILE` pauses the accept loop for 50 ms instead of stopping or
+/// spinning it. At shutdown a connection with no request in progress (a half-sent request
+/// head, an idle keep-alive) is closed at once. See `docs/limits.md`.
 ///
 /// The router is served with connect info, so [`Scope::peer_addr`] is set.
 pub async fn serve<F>(
@@ -381,39 +586,24 @@ pub async fn serve<F>(
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let token = app.shutdown.clone();
-    let stop = async move {
-        tokio::select! {
-            _ = signal => {}
-            _ = token.cancelled() => {}
-        }
-        token.cancel();
-    };
-    // Replies are small and latency-bound: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
+    crate::listener::serve(
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        router,
+        app.serve_limits,
+        app.shutdown.clone(),
+        app.connections.clone(),
+        signal,
     )
-    .with_graceful_shutdown(stop)
-    .await?;
-    if tokio::time::timeout(Duration::from_secs(10), app.wait_connections())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open 10 s after shutdown; exiting anyway");
-    }
-    Ok(())
+    .await
 }
 
-/// The receiving ends of a socket's queues, and its kick switch.
+/// The receiving ends of a socket's queues, its kick switch and its guard.
 pub(crate) struct Queues {
     rx: mpsc::Receiver<Outbound>,
     inbox: mpsc::Receiver<Delivery>,
     lag: Arc<Lag>,
     kick: CancellationToken,
+    guard: Arc<Guard>,
 }
 
 /// What runs on one socket: a consumer, or a demultiplexer of several.
@@ -539,21 +729,29 @@ async fn run_connection<S: Session>(
         mut inbox,
         lag,
         kick: kicked,
+        guard,
     } = queues;
     let (sink, mut stream) = socket.split();
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
-    let mut writer = tokio::spawn(write_loop(sink, rx, close_rx));
+    let mut writer = tokio::spawn(write_loop(sink, rx, close_rx, guard.ping_interval()));
+    // Keepalive and credential expiry: one timer each for the whole connection.
+    let ended = guard.ended();
+    tokio::pin!(ended);
     // The close frame to send when the loop ends, if any.
     let close: Option<(u16, &str)> = loop {
         let work = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Some((1001, "server shutting down")),
             _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
+            end = &mut ended => break Some(end),
             Some((member, event)) = inbox.recv() => Work::Event(member, event),
             // After the queued events: what did not fit is read back from history.
             _ = lag.due() => Work::CatchUp,
             message = stream.next() => Work::Frame(message),
         };
+        if let Work::Frame(_) = &work {
+            guard.seen();
+        }
         let step = async {
             match work {
                 Work::Event(member, event) => session.on_event(member, event).await,
@@ -565,9 +763,7 @@ async fn run_connection<S: Session>(
                 Work::Frame(Some(Ok(Message::Binary(_)))) => session.on_binary().await,
                 Work::Frame(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
                 Work::Frame(Some(Ok(Message::Close(_))) | None) => return Some(None),
-                Work::Frame(Some(Err(e))) => {
-                    return Some(is_too_big(e).then_some((1009, "message too big")));
-                }
+                Work::Frame(Some(Err(e))) => return Some(close_for_error(e)),
             }
             None
         };
@@ -577,6 +773,7 @@ async fn run_connection<S: Session>(
             biased;
             _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
             _ = lag.stuck() => break Some((1013, "too slow: subscription events dropped")),
+            end = &mut ended => break Some(end),
             end = step => if let Some(close) = end { break close },
         }
     };
@@ -610,21 +807,44 @@ enum Work {
     Frame(Option<Result<Message, axum::Error>>),
 }
 
-fn is_too_big(e: axum::Error) -> bool {
-    match e.into_inner().downcast::<tungstenite::Error>() {
-        Ok(e) => matches!(*e, tungstenite::Error::Capacity(_)),
-        Err(_) => false,
+/// The close frame that answers a read error, if the peer can still be told: 1009 for a
+/// message over the size cap, 1002 for a protocol violation, 1007 for text that is not UTF-8.
+fn close_for_error(e: axum::Error) -> Option<(u16, &'static str)> {
+    use tungstenite::error::ProtocolError;
+    let e = e.into_inner().downcast::<tungstenite::Error>().ok()?;
+    match *e {
+        tungstenite::Error::Capacity(_) => Some((1009, "message too big")),
+        tungstenite::Error::Utf8(_) => Some((1007, "invalid UTF-8 in a text frame")),
+        // The peer is gone: there is no one to tell.
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        tungstenite::Error::Protocol(_) => Some((1002, "protocol error")),
+        _ => None,
     }
 }
 
 /// Drains the outbound queue into the socket, batching what is ready into one flush. When the
 /// queue closes (the session ended), sends the close frame the session chose.
+///
+/// With keepalive on, a ping goes out every `ping_interval` (the reader closes peers that stay
+/// silent, see [`Dcrf::pong_timeout`]).
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outbound>,
     close: tokio::sync::oneshot::Receiver<CloseFrame>,
+    ping_interval: Option<Duration>,
 ) {
-    while let Some(first) = rx.recv().await {
+    let mut pings = crate::guard::Pings::new(ping_interval);
+    loop {
+        let first = tokio::select! {
+            first = rx.recv() => first,
+            _ = pings.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
         let mut next = Some(first);
         while let Some(out) = next.take() {
             match out {
@@ -633,10 +853,7 @@ async fn write_loop(
                         return;
                     }
                 }
-                Outbound::Close(frame) => {
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    return;
-                }
+                Outbound::Close(frame) => return send_close(&mut sink, frame).await,
             }
             next = rx.try_recv().ok();
         }
@@ -645,8 +862,19 @@ async fn write_loop(
         }
     }
     if let Ok(frame) = close.await {
-        let _ = sink.send(Message::Close(Some(frame))).await;
+        send_close(&mut sink, frame).await;
     }
+}
+
+/// Sends our close frame, or, when the client closed first, flushes the echo of its own close
+/// frame that tungstenite queued (RFC 6455: the peer must see its code, not 1006).
+async fn send_close(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    frame: CloseFrame,
+) {
+    // After a client's close, sending ours fails (the echo is already queued): `close` flushes it.
+    let _ = sink.send(Message::Close(Some(frame))).await;
+    let _ = sink.close().await;
 }
 
 /// Handles one group message: delivers it if the connection is subscribed and has not
@@ -791,6 +1019,10 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
             return;
         }
     };
+    if let Some(err) = ctx.guard().check_request_id(&frame) {
+        let _ = ctx.send_error(&err, frame.action_str(), None).await;
+        return;
+    }
     let request_id = frame.request_id();
     let Some(raw_action) = frame.action_raw() else {
         let _ = ctx
@@ -813,6 +1045,9 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
             }
         },
     };
+    if action == crate::guard::REFRESH_ACTION && refresh_token(ctx, &frame).await {
+        return;
+    }
     frame.set_reads(consumer.reads(action));
     if !permissions
         .has_permission(ctx.scope(), action, &frame)
@@ -842,4 +1077,60 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
             let _ = ctx.send_error(&err, Some(action), request_id).await;
         }
     }
+}
+
+/// Runs the built-in `refresh_token` action if the authenticator supports refreshing; returns
+/// whether it did (otherwise the frame is dispatched as usual).
+///
+/// `{"action": "refresh_token", "token": "<new credential>", "request_id": R}` answers 200
+/// `{"exp": <new expiry>}`; an invalid token 401 (the old expiry stays); a token of another user
+/// 403.
+async fn refresh_token(ctx: &Ctx, frame: &Frame<'_>) -> bool {
+    let token: Option<String> = frame
+        .field("token")
+        .and_then(|raw| serde_json::from_str(raw.get()).ok());
+    let guard = ctx.guard();
+    let Some(verify) = guard.auth().refresh(token.as_deref().unwrap_or_default()) else {
+        return false;
+    };
+    let request_id = frame.request_id();
+    let answer = |err: ApiError| async move {
+        let _ = ctx
+            .send_error(&err, Some(crate::guard::REFRESH_ACTION), request_id)
+            .await;
+    };
+    if token.is_none() {
+        drop(verify);
+        answer(ApiError::field("token", "This field is required.")).await;
+        return true;
+    }
+    let verified = match verify.await {
+        Ok(verified) => verified,
+        Err(e) => {
+            answer(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                vec![serde_json::Value::String(e.to_string())],
+            ))
+            .await;
+            return true;
+        }
+    };
+    if ctx.user().map(|u| u.id.as_str()) != Some(verified.user.id.as_str()) {
+        answer(ApiError::new(
+            StatusCode::FORBIDDEN,
+            vec![serde_json::json!("The token belongs to a different user.")],
+        ))
+        .await;
+        return true;
+    }
+    guard.set_expiry(verified.expires_at);
+    let _ = ctx
+        .reply(
+            crate::guard::REFRESH_ACTION,
+            request_id,
+            &serde_json::json!({ "exp": verified.expires_at }),
+            StatusCode::OK,
+        )
+        .await;
+    true
 }

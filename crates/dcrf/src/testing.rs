@@ -454,6 +454,7 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
             lag: std::sync::Arc::new(crate::channel::Lag::new(std::time::Duration::from_secs(5))),
             kick: tokio_util::sync::CancellationToken::new(),
             stream: None,
+            guard: Dcrf::new().guard(None),
         };
         LocalConnection {
             consumer,

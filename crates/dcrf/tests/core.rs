@@ -700,6 +700,9 @@ async fn scope_has_path_query_cookies_headers_params_and_peer() {
         .unwrap();
     req.headers_mut()
         .insert("cookie", "sessionid=abc; theme=dark".parse().unwrap());
+    // A cookie socket must be same-origin (no allow-list is configured).
+    let origin = format!("http://{}", s.addr);
+    req.headers_mut().insert("origin", origin.parse().unwrap());
     req.headers_mut().insert("x-test", "yes".parse().unwrap());
     let mut c = TestClient::connect_request(req).await.unwrap();
     assert_eq!(

@@ -25,6 +25,7 @@ pub use subscriptions::{Event, Joined, RESYNC, could_receive, default_push, may_
 
 use crate::channel::{Delivery, Lag, Member};
 use crate::error::ApiError;
+use crate::guard::{CappedWriter, DetachSlot, Guard, reply_too_large};
 use crate::permission::Permissions;
 use crate::protocol::{Envelope, Frame, encode_error};
 use crate::scope::{Scope, User};
@@ -211,7 +212,7 @@ impl<E: Into<ApiError>> IntoActionResult for Result<(), E> {
 }
 
 /// How a context reaches its socket: the writer's queue, the event inbox, the socket's kick
-/// switch, and the stream name on a multiplexed socket.
+/// switch, the stream name on a multiplexed socket, and the socket's guard (its caps).
 #[derive(Debug, Clone)]
 pub(crate) struct Link {
     pub(crate) out: mpsc::Sender<Outbound>,
@@ -219,6 +220,7 @@ pub(crate) struct Link {
     pub(crate) lag: Arc<Lag>,
     pub(crate) kick: CancellationToken,
     pub(crate) stream: Option<Arc<str>>,
+    pub(crate) guard: Arc<Guard>,
 }
 
 /// `{"stream": S, "payload": <text>}` around an already serialized JSON frame.
@@ -264,6 +266,7 @@ struct CtxInner {
     stream: Option<Arc<str>>,
     subscriptions: Subscriptions,
     permissions: Permissions,
+    guard: Arc<Guard>,
 }
 
 /// The connection is gone; nothing more can be sent.
@@ -279,6 +282,7 @@ impl Ctx {
             lag,
             kick,
             stream,
+            guard,
         } = link;
         Ctx {
             inner: Arc::new(CtxInner {
@@ -294,6 +298,7 @@ impl Ctx {
                 stream,
                 subscriptions: Subscriptions::default(),
                 permissions,
+                guard,
             }),
         }
     }
@@ -311,6 +316,11 @@ impl Ctx {
     /// The permissions in force on this connection.
     pub(crate) fn permissions(&self) -> &Permissions {
         &self.inner.permissions
+    }
+
+    /// The socket's caps, keepalive and credential expiry.
+    pub(crate) fn guard(&self) -> &Arc<Guard> {
+        &self.inner.guard
     }
 
     /// The connection's subscriptions.
@@ -348,9 +358,21 @@ impl Ctx {
 
     /// Sends a text frame as is. Waits while the outbound queue is full.
     ///
-    /// On a multiplexed socket the frame goes out as `{"stream": S, "payload": <text>}`.
+    /// On a multiplexed socket the frame goes out as `{"stream": S, "payload": <text>}`. A frame
+    /// over [`Dcrf::max_reply_size`](crate::Dcrf::max_reply_size) is not sent: a 413 error
+    /// frame (action and request id null) goes instead, and the cause is logged.
     pub async fn send_text(&self, text: impl Into<Utf8Bytes>) -> Result<(), Closed> {
-        let text: Utf8Bytes = text.into();
+        let mut text: Utf8Bytes = text.into();
+        let max = self.inner.guard.max_reply();
+        if text.len() > max {
+            tracing::error!(
+                connection = self.inner.id,
+                bytes = text.len(),
+                max,
+                "frame over the reply size cap not sent"
+            );
+            text = encode_error(&reply_too_large(Some(text.len()), max), None, None).into();
+        }
         let text = match &self.inner.stream {
             None => text,
             Some(stream) => wrap_stream(stream, &text).into(),
@@ -403,7 +425,13 @@ impl Ctx {
         status: StatusCode,
     ) -> Result<(), Closed> {
         let rid = request_id.map_or("null", |r| r.get());
-        let mut text = String::with_capacity(body.get().len() + rid.len() + action.len() + 72);
+        let len = body.get().len() + rid.len() + action.len() + 72;
+        let max = self.inner.guard.max_reply();
+        if len > max {
+            let err = reply_too_large(Some(len), max);
+            return self.send_error(&err, Some(action), request_id).await;
+        }
+        let mut text = String::with_capacity(len);
         text.push_str("{\"errors\":[],\"data\":");
         text.push_str(body.get());
         text.push_str(",\"action\":");
@@ -423,7 +451,8 @@ impl Ctx {
         self.send_text(text).await
     }
 
-    /// Encodes a reply envelope; a serialization failure becomes a logged 500 envelope.
+    /// Encodes a reply envelope; a serialization failure becomes a logged 500 envelope, a reply
+    /// over the size cap a logged 413 envelope (serialization stops at the cap).
     fn encode_reply<T: Serialize + ?Sized>(
         &self,
         action: &str,
@@ -438,8 +467,20 @@ impl Ctx {
             response_status: status,
             request_id,
         };
-        match env.to_json() {
-            Ok(text) => text,
+        let max = self.inner.guard.max_reply();
+        let mut out = CappedWriter::new(max);
+        match serde_json::to_writer(&mut out, &env) {
+            // serde_json writes valid UTF-8.
+            Ok(()) => String::from_utf8(out.buf).unwrap_or_default(),
+            Err(_) if out.exceeded => {
+                tracing::error!(
+                    connection = self.inner.id,
+                    action,
+                    max,
+                    "reply over the size cap not sent"
+                );
+                encode_error(&reply_too_large(None, max), Some(action), request_id)
+            }
             Err(e) => self.encode_error(&ApiError::internal(e), Some(action), request_id),
         }
     }
@@ -510,7 +551,50 @@ impl Ctx {
 
     /// Runs a detached action: the future runs concurrently, and its result is sent as a reply
     /// with the given action and request id when it finishes. Cancelled on disconnect.
+    ///
+    /// At most [`Dcrf::max_detached_actions`](crate::Dcrf::max_detached_actions) run at once
+    /// per socket; beyond that the action does not run and is answered with a 503 error frame
+    /// (sent from a background task here; detached actions written with the attribute are
+    /// answered in line, so a flood waits for the client to read).
     pub fn spawn_action<F>(&self, action: &str, request_id: Option<&RawValue>, fut: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: IntoActionResult + Send,
+    {
+        match self.inner.guard.try_detach() {
+            Some(slot) => self.run_detached(slot, action, request_id, fut),
+            None => {
+                let ctx = self.clone();
+                let action = action.to_owned();
+                let request_id: Option<Box<RawValue>> = request_id.map(|r| r.to_owned());
+                self.spawn(async move {
+                    let err = ctx.inner.guard.too_many_detached();
+                    let _ = ctx
+                        .send_error(&err, Some(&action), request_id.as_deref())
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// What `#[action(detached)]` expands to (macro plumbing): [`Ctx::spawn_action`], but the
+    /// 503 answer to one action too many is sent before this returns.
+    #[doc(hidden)]
+    pub async fn start_detached<F>(&self, action: &str, request_id: Option<&RawValue>, fut: F)
+    where
+        F: Future + Send + 'static,
+        F::Output: IntoActionResult + Send,
+    {
+        match self.inner.guard.try_detach() {
+            Some(slot) => self.run_detached(slot, action, request_id, fut),
+            None => {
+                let err = self.inner.guard.too_many_detached();
+                let _ = self.send_error(&err, Some(action), request_id).await;
+            }
+        }
+    }
+
+    fn run_detached<F>(&self, slot: DetachSlot, action: &str, request_id: Option<&RawValue>, fut: F)
     where
         F: Future + Send + 'static,
         F::Output: IntoActionResult + Send,
@@ -519,6 +603,8 @@ impl Ctx {
         let action = action.to_owned();
         let request_id: Option<Box<RawValue>> = request_id.map(|r| r.to_owned());
         self.spawn(async move {
+            // Given back when the action ends or is cancelled.
+            let _slot = slot;
             let result = catch_panic(fut).await;
             match result {
                 Ok(r) => ctx.finish(&action, request_id.as_deref(), r).await,
