@@ -50,7 +50,7 @@
 //! | 1007 | a text frame that is not UTF-8 |
 //! | 1009 | a message over [`Dcrf::max_message_size`] |
 //! | 1011 | keepalive: nothing (not even a pong) arrived for [`Dcrf::ping_interval`] + [`Dcrf::pong_timeout`] |
-//! | 1013 | too slow: the connection's event inbox overflowed |
+//! | 1013 | too slow: the connection stayed behind its subscriptions for `Dcrf::slow_client_timeout` |
 //! | 4401 | the credential expired (see [`auth`](crate::auth); `refresh_token` moves the deadline) |
 //!
 //! [limits]: https://github.com/dcrf-rs/dcrf-rs/blob/main/docs/limits.md

@@ -127,7 +127,8 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// Hands a message to every local member of its group. A member whose event queue is full
-    /// is not waited for: it is kicked (its connection closes with 1013).
+    /// is not waited for: the message is dropped for it and it is told it fell behind (it
+    /// catches up from history); one behind for longer than its timeout is kicked (1013).
     pub fn deliver(&self, message: Arc<GroupMessage>) {
         let groups = read(&self.groups);
         let Some(members) = groups.get(&*message.group) else {

@@ -14,21 +14,37 @@
 //!
 //! A message is serialized once; every member gets the same `Arc`.
 //!
+//! ## Streams, positions and history
+//!
+//! Each group is a *stream*: the broker numbers its messages (offset + epoch, a [`Position`],
+//! carried by every push as the top-level `position`) and keeps a bounded history
+//! ([`HistoryOptions`]). A subscribe reads the stream's position; with `since` it replays what
+//! the client missed ([`ChannelLayer::recover`]). The [`MemoryBroker`] keeps both in the
+//! process; the [`RedisBroker`] numbers, appends (a Redis stream per group) and publishes in one
+//! Lua script, so positions are shared by every node.
+//!
 //! ## Slow members
 //!
 //! Each connection has a bounded event queue ([`Dcrf::event_queue`](crate::Dcrf::event_queue),
-//! default 1024). A message that finds it full is not queued: the connection is closed with
-//! code **1013** (Try Again Later), so one slow client never slows the others nor grows the
-//! server's memory. A reconnecting client (dcrf-client does it by itself) resubscribes and
-//! reads current state.
+//! default 1024). A message that finds it full is not queued: the connection is marked behind
+//! and, once it has written what it holds, reads what it missed from the streams' history
+//! (its catch-up). A burst larger than the queue thus reaches every client that keeps reading.
+//! A connection that stays behind for
+//! [`Dcrf::slow_client_timeout`](crate::Dcrf::slow_client_timeout) (5 s) is closed with code
+//! **1013** (Try Again Later), so one client that stopped reading never slows the others nor
+//! grows the server's memory.
 //!
 //! ## Delivery
 //!
-//! At most once: a message published while Redis is unreachable is lost, as with Channels'
-//! layers. After Redis comes back the node resubscribes every group with local members.
-//! Subscribing waits until the broker listens to the group (the Redis `SUBSCRIBE` is
-//! acknowledged, at most [`SUBSCRIBE_TIMEOUT`] while Redis is down), so a change committed
-//! after a subscribe reply reaches the subscriber.
+//! Every event is numbered; a subscription delivers each at most once, in order, and a gap is
+//! always filled from history or announced with a resync notice
+//! ([`RESYNC`](crate::consumer::RESYNC)). Messages that cannot be published while Redis is
+//! unreachable are dropped and their streams restart at a new epoch (so their subscribers are
+//! told); after a Redis reconnection every local connection checks its subscriptions against
+//! their streams. Subscribing waits until the broker listens to the group (the Redis
+//! `SUBSCRIBE` is acknowledged, at most [`SUBSCRIBE_TIMEOUT`] while Redis is down), so a change
+//! committed after a subscribe reply reaches the subscriber. The whole contract, with its
+//! failure cases, is `docs/delivery.md`.
 
 mod broker;
 mod history;
