@@ -359,12 +359,38 @@ class Inbox {
 }
 
 /**
+ * dcrf's extensions of DCRF's envelope: `position` (`{epoch, offset}`) on subscribe replies
+ * and pushes, `recovered` on resumed subscribes. Checks their shape, then returns the frame
+ * without them, so tests compare DCRF's envelope exactly.
+ */
+function withoutExtensions(frame) {
+  const strip = (envelope) => {
+    if (!envelope || typeof envelope !== 'object' || Array.isArray(envelope)) return envelope;
+    const { position, recovered, ...rest } = envelope;
+    if (position !== undefined) {
+      if (typeof position.epoch !== 'string' || !Number.isInteger(position.offset)) {
+        throw new Error(`malformed position in ${JSON.stringify(envelope)}`);
+      }
+    }
+    if (recovered !== undefined && typeof recovered !== 'boolean') {
+      throw new Error(`malformed recovered in ${JSON.stringify(envelope)}`);
+    }
+    return rest;
+  };
+  if (frame && frame.payload !== undefined && frame.stream !== undefined) {
+    return { ...frame, payload: strip(frame.payload) };
+  }
+  return strip(frame);
+}
+
+/**
  * Listens on the client's dispatcher for raw frames matching `selector` (a partial match, as
- * the client does it) and returns an Inbox of whole frames (`{stream, payload}`).
+ * the client does it) and returns an Inbox of whole frames (`{stream, payload}`), without
+ * dcrf's envelope extensions (see `withoutExtensions`).
  */
 function listenFrames(client, selector, label = JSON.stringify(selector)) {
   const inbox = new Inbox(label);
-  inbox.listenerId = client.dispatcher.listen(selector, inbox.push);
+  inbox.listenerId = client.dispatcher.listen(selector, (frame) => inbox.push(withoutExtensions(frame)));
   inbox.cancel = () => client.dispatcher.cancel(inbox.listenerId);
   return inbox;
 }
@@ -409,4 +435,5 @@ module.exports = {
   startServer,
   uniqueName,
   withTimeout,
+  withoutExtensions,
 };
