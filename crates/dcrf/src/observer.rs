@@ -449,36 +449,22 @@ impl Observers {
     where
         M: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
-        let mut by_id = write(&self.inner.by_id);
-        if let Some(existing) = by_id.get(id) {
-            return existing
-                .clone()
-                .downcast::<ModelObserver<M>>()
-                .unwrap_or_else(|_| {
-                    panic!("the observer id {id:?} is already registered for another model")
-                });
-        }
-        let observer = Arc::new(ModelObserver::new(Observer::new(&self.inner.layer, id), pk));
-        self.inner.layer.register_decoder(
-            id.into(),
+        let layer = &self.inner.layer;
+        self.register_erased(
+            table,
+            id,
+            || Arc::new(ModelObserver::new(Observer::new(layer, id), pk)),
             Arc::new(|json: &str| {
                 serde_json::from_str::<M>(json)
                     .ok()
                     .map(|m| Arc::new(m) as Object)
             }),
-        );
-        by_id.insert(id.to_owned(), observer.clone());
-        write(&self.inner.by_table)
-            .entry(table)
-            .or_default()
-            .push(observer.clone());
-        observer
+        )
     }
 
-    /// Registers an observer of `table` that builds its own messages (live lists), with the
+    /// Registers an observer of `table` (a model observer, a live list's observer), with the
     /// decoder of its objects for messages from other nodes; returns the one already
     /// registered as `id` when there is one of type `T`.
-    #[cfg_attr(not(feature = "model"), allow(dead_code))]
     pub(crate) fn register_erased<T: ErasedObserver + 'static>(
         &self,
         table: &'static str,
