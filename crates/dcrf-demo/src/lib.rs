@@ -53,6 +53,8 @@ pub struct DemoConfig {
     pub max_connections: usize,
     /// The most connections from one client IP ([`Dcrf::max_connections_per_ip`]).
     pub max_connections_per_ip: usize,
+    /// Inbound frames per second per connection, 0 for unlimited ([`Dcrf::rate_limit`]).
+    pub rate_limit: u32,
 }
 
 /// The default database: a SQLite file in the working directory.
@@ -67,6 +69,7 @@ impl Default for DemoConfig {
             layer: "memory".to_owned(),
             max_connections: dcrf::server::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: dcrf::server::DEFAULT_MAX_CONNECTIONS_PER_IP,
+            rate_limit: 0,
         }
     }
 }
@@ -77,7 +80,8 @@ pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Er
     let app = Dcrf::new()
         .authenticator(auth)
         .max_connections(config.max_connections)
-        .max_connections_per_ip(config.max_connections_per_ip);
+        .max_connections_per_ip(config.max_connections_per_ip)
+        .rate_limit(config.rate_limit);
     let layer = dcrf::channel::ChannelLayer::from_url(&config.layer).await?;
     let db = dcrf::model::Db::connect_with_layer(&config.database, layer).await?;
     todos::setup(&db, config.seed).await?;

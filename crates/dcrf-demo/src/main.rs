@@ -36,6 +36,10 @@ struct Args {
     /// The most connections from one client IP address; more are answered HTTP 503.
     #[arg(long, env = "DCRF_DEMO_MAX_CONNECTIONS_PER_IP", default_value_t = dcrf::server::DEFAULT_MAX_CONNECTIONS_PER_IP)]
     max_connections_per_ip: usize,
+    /// Inbound frames per second per connection (0: unlimited, the default); a frame over the
+    /// limit is answered 429 "Request was throttled. Expected available in N seconds.".
+    #[arg(long, env = "DCRF_DEMO_RATE_LIMIT", default_value_t = 0)]
+    rate_limit: u32,
 }
 
 #[tokio::main]
@@ -67,6 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         layer: args.layer,
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
+        rate_limit: args.rate_limit,
     };
     let (router, app) = dcrf_demo::build(&config).await?;
     let shutdown = shutdown_signal();

@@ -204,3 +204,45 @@ async fn running_out_of_file_descriptors_neither_stops_nor_spins_the_accept_loop
         json!({"errors": [], "data": {"ok": true}, "action": "echo", "response_status": 200, "request_id": 1})
     );
 }
+
+#[tokio::test]
+async fn rate_limit_answers_429_and_keeps_the_socket() {
+    let mut cmd = demo();
+    cmd.args(["--bind", "127.0.0.1:0", "--rate-limit", "5"]);
+    let server = Running::start(cmd);
+    let mut c = TestClient::connect(&format!("ws://{}/ws/echo/", server.addr))
+        .await
+        .unwrap();
+    // 5 frames of burst pass; the next ones, sent at once, are throttled.
+    for n in 0..12 {
+        c.send_json(json!({"action": "echo", "request_id": n, "n": n}))
+            .await;
+    }
+    let mut ok = 0;
+    let mut throttled = 0;
+    for n in 0..12 {
+        let reply = c.receive_json().await;
+        assert_eq!(reply["request_id"], n, "one answer per frame, in order");
+        match reply["response_status"].as_u64() {
+            Some(200) => ok += 1,
+            Some(429) => {
+                throttled += 1;
+                assert_eq!(
+                    reply,
+                    json!({"errors": ["Request was throttled. Expected available in 1 seconds."],
+                           "data": null, "action": "echo", "response_status": 429, "request_id": n})
+                );
+            }
+            _ => panic!("unexpected {reply}"),
+        }
+    }
+    assert!((5..=6).contains(&ok), "{ok} passed");
+    assert_eq!(ok + throttled, 12);
+    // The socket is kept; a second later the bucket has refilled.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = c
+        .request(json!({"action": "echo", "request_id": "later", "x": 1}))
+        .await;
+    assert_eq!(reply["response_status"], 200);
+    assert_eq!(reply["data"], json!({"x": 1}));
+}

@@ -36,6 +36,8 @@ pub(crate) struct SocketLimits {
     pub(crate) max_detached: usize,
     /// Ping interval and pong timeout; `None` disables keepalive.
     pub(crate) keepalive: Option<(Duration, Duration)>,
+    /// Inbound frames per second; `None`: not limited.
+    pub(crate) rate: Option<std::num::NonZeroU32>,
 }
 
 /// The per-socket state described in the module docs.
@@ -47,6 +49,8 @@ pub(crate) struct Guard {
     start: Instant,
     /// When a frame last arrived, in milliseconds since `start`.
     seen_ms: AtomicU64,
+    /// The inbound rate limit (a token bucket of `rate` frames, refilled at `rate` per second).
+    throttle: Option<governor::DefaultDirectRateLimiter>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -72,7 +76,27 @@ impl Guard {
             expiry: watch::Sender::new(expires_at),
             start: Instant::now(),
             seen_ms: AtomicU64::new(0),
+            throttle: limits
+                .rate
+                .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
         }
+    }
+
+    /// The answer to a frame over the socket's rate limit, if it is (DRF's throttling: 429,
+    /// `Request was throttled. Expected available in N seconds.`, N rounded up).
+    pub(crate) fn check_rate(&self) -> Option<ApiError> {
+        use governor::clock::{Clock, DefaultClock};
+        let throttle = self.throttle.as_ref()?;
+        let not_until = throttle.check().err()?;
+        let wait = not_until.wait_time_from(DefaultClock::default().now());
+        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Some(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            vec![Value::String(format!(
+                "Request was throttled. Expected available in {} seconds.",
+                seconds.max(1)
+            ))],
+        ))
     }
 
     /// The answer to a frame whose `request_id` is over the cap, if it is.

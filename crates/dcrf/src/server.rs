@@ -192,6 +192,7 @@ impl Dcrf {
                 max_reply: DEFAULT_MAX_REPLY_SIZE,
                 max_detached: DEFAULT_MAX_DETACHED_ACTIONS,
                 keepalive: Some((DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT)),
+                rate: None,
             },
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
@@ -333,6 +334,16 @@ impl Dcrf {
     /// throttling it: 429 is left to rate limiting). Default 64.
     pub fn max_detached_actions(mut self, actions: usize) -> Self {
         self.socket_limits.max_detached = actions;
+        self
+    }
+
+    /// Limits each socket to `frames_per_second` inbound frames per second (a token bucket of
+    /// that many frames, from `governor`; all streams of a multiplexed socket together). A frame
+    /// over the limit is not run: it is answered with DRF's throttling error, **429**
+    /// `Request was throttled. Expected available in N seconds.`, and the socket stays open.
+    /// Off by default (as DRF's throttling is); `0` turns it off.
+    pub fn rate_limit(mut self, frames_per_second: u32) -> Self {
+        self.socket_limits.rate = std::num::NonZeroU32::new(frames_per_second);
         self
     }
 
@@ -1021,6 +1032,12 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
     };
     if let Some(err) = ctx.guard().check_request_id(&frame) {
         let _ = ctx.send_error(&err, frame.action_str(), None).await;
+        return;
+    }
+    if let Some(err) = ctx.guard().check_rate() {
+        let _ = ctx
+            .send_error(&err, frame.action_str(), frame.request_id())
+            .await;
         return;
     }
     let request_id = frame.request_id();
