@@ -1,7 +1,6 @@
 //! [`Hub`]: this node's connections by group, and the slow-member policy.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -33,8 +32,7 @@ pub(crate) struct Member {
 pub(crate) struct Lag {
     /// Since when events have been dropped without a catch-up.
     behind: Mutex<Option<Instant>>,
-    /// Every subscription must be checked against its stream.
-    check: AtomicBool,
+    /// Woken when a catch-up is due (fell behind, or asked to check).
     notify: Notify,
     /// Woken when the socket falls behind (for [`Lag::stuck`]).
     fell_behind: Notify,
@@ -45,7 +43,6 @@ impl Lag {
     pub(crate) fn new(timeout: Duration) -> Lag {
         Lag {
             behind: Mutex::new(None),
-            check: AtomicBool::new(false),
             notify: Notify::new(),
             fell_behind: Notify::new(),
             timeout,
@@ -68,7 +65,6 @@ impl Lag {
 
     /// Asks the socket to check its subscriptions against their streams.
     pub(crate) fn request_check(&self) {
-        self.check.store(true, Ordering::Release);
         self.notify.notify_one();
     }
 
@@ -98,7 +94,6 @@ impl Lag {
     /// Starts a catch-up: clears the signal.
     pub(crate) fn take(&self) {
         *lock(&self.behind) = None;
-        self.check.store(false, Ordering::Release);
     }
 }
 

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub(crate) use subscriptions::{
-    Accept, Replay, Subscriptions, decorate, event_position, with_event_position, with_frame,
+    Accept, Replay, Subscriptions, decorate, with_event_position, with_frame,
 };
 pub use subscriptions::{Event, Joined, RESYNC, could_receive, default_push, may_receive, since};
 
@@ -443,12 +443,9 @@ impl Ctx {
             status.as_u16()
         );
         text.push_str(rid);
-        if let Some(p) = event_position() {
-            text.push_str(",\"position\":");
-            p.write_json(&mut text);
-        }
         text.push('}');
-        self.send_text(text).await
+        // In an event handler: the event's position.
+        self.send_text(decorate(text, None)).await
     }
 
     /// Encodes a reply envelope; a serialization failure becomes a logged 500 envelope, a reply

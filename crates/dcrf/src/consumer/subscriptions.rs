@@ -211,11 +211,6 @@ pub(crate) async fn with_event_position<F: std::future::Future>(
     }
 }
 
-/// The position of the event being handled, if any.
-pub(crate) fn event_position() -> Option<Position> {
-    EVENT_POSITION.try_with(Clone::clone).ok()
-}
-
 /// Adds the subscription keys to an envelope being sent: the event's `position` in an event
 /// handler; in a subscribe's reply (`reply_to`: a success reply with the frame's request id,
 /// the first one), its `position` and `recovered`.
