@@ -86,7 +86,10 @@ fn fan_out(bencher: divan::Bencher, subscribers: usize) {
         .collect();
     rt.block_on(async {
         for conn in &conns {
-            observer.subscribe(conn.ctx(), "todo-1", Some(&rid)).await;
+            observer
+                .subscribe(conn.ctx(), "todo-1", Some(&rid))
+                .await
+                .expect("under the subscription cap");
         }
     });
     let body =

@@ -1,5 +1,5 @@
 //! What one socket may cost and how long it may live: the per-socket caps (request id size,
-//! reply size, detached actions in flight), the keepalive deadline and the credential's expiry
+//! reply size, detached actions in flight, subscriptions), the keepalive deadline and the credential's expiry
 //! (which the built-in `refresh_token` action, in `server`, moves). One [`Guard`] per socket, shared by its reader, its
 //! writer and every [`Ctx`] on it (all streams of a multiplexed socket).
 //!
@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::auth::Authenticator;
+use crate::consumer::subscriptions::SubscriptionBudget;
 use crate::error::ApiError;
 use crate::protocol::Frame;
 
@@ -34,6 +35,7 @@ pub(crate) struct SocketLimits {
     pub(crate) max_request_id: usize,
     pub(crate) max_reply: usize,
     pub(crate) max_detached: usize,
+    pub(crate) max_subscriptions: usize,
     /// Ping interval and pong timeout; `None` disables keepalive.
     pub(crate) keepalive: Option<(Duration, Duration)>,
     /// Inbound frames per second; `None`: not limited.
@@ -51,6 +53,8 @@ pub(crate) struct Guard {
     seen_ms: AtomicU64,
     /// The inbound rate limit (a token bucket of `rate` frames, refilled at `rate` per second).
     throttle: Option<governor::DefaultDirectRateLimiter>,
+    /// The subscription cap, shared by every stream of the socket.
+    subscriptions: Arc<SubscriptionBudget>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -79,6 +83,7 @@ impl Guard {
             throttle: limits
                 .rate
                 .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
+            subscriptions: Arc::new(SubscriptionBudget::new(limits.max_subscriptions)),
         }
     }
 
@@ -118,6 +123,11 @@ impl Guard {
     /// Moves the credential's expiry (a refresh).
     pub(crate) fn set_expiry(&self, expires_at: Option<u64>) {
         self.expiry.send_replace(expires_at);
+    }
+
+    /// The socket's subscription cap, for the subscriptions of each of its streams.
+    pub(crate) fn subscription_budget(&self) -> Arc<SubscriptionBudget> {
+        self.subscriptions.clone()
     }
 
     /// The largest frame this socket sends, in bytes.

@@ -133,7 +133,15 @@ impl Observer {
     /// pushes after `n` are sent right after the reply, or `"recovered": false` when the
     /// stream's history no longer holds them (a `since` that is not a position is one it cannot
     /// hold). See [delivery guarantees](crate::channel#delivery).
-    pub async fn subscribe(&self, ctx: &Ctx, key: &str, request_id: Option<&RawValue>) -> Joined {
+    ///
+    /// Refused with a 400 error when the socket already holds its cap of subscriptions
+    /// ([`Dcrf::max_subscriptions`](crate::Dcrf::max_subscriptions)) and this one is new.
+    pub async fn subscribe(
+        &self,
+        ctx: &Ctx,
+        key: &str,
+        request_id: Option<&RawValue>,
+    ) -> Result<Joined, ApiError> {
         let group = self.group(key);
         ctx.subscriptions()
             .join(ctx, &self.id, &group, request_id, &self.layer)
@@ -248,7 +256,7 @@ impl<M: Send + Sync + 'static> ModelObserver<M> {
         if !could_receive(ctx, None, &["create", "update", "delete"]).await {
             return Err(ApiError::permission_denied());
         }
-        Ok(self.observer.subscribe(ctx, key, request_id).await)
+        self.observer.subscribe(ctx, key, request_id).await
     }
 
     /// Unsubscribes (see [`Observer::unsubscribe`]); returns whether anything was subscribed.

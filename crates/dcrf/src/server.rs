@@ -162,6 +162,9 @@ pub const DEFAULT_MAX_REQUEST_ID_SIZE: usize = 1024;
 pub const DEFAULT_MAX_REPLY_SIZE: usize = 16 << 20;
 /// The default cap on detached actions running at once on one socket: 64.
 pub const DEFAULT_MAX_DETACHED_ACTIONS: usize = 64;
+/// The default cap on subscriptions held by one socket (stream + request id pairs, all streams
+/// of a multiplexed socket together): 1,000.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 1_000;
 /// The default interval between keepalive pings: 25 s.
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(25);
 /// The default grace after a ping before a silent peer is closed: 20 s.
@@ -191,6 +194,7 @@ impl Dcrf {
                 max_request_id: DEFAULT_MAX_REQUEST_ID_SIZE,
                 max_reply: DEFAULT_MAX_REPLY_SIZE,
                 max_detached: DEFAULT_MAX_DETACHED_ACTIONS,
+                max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
                 keepalive: Some((DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT)),
                 rate: None,
             },
@@ -334,6 +338,16 @@ impl Dcrf {
     /// throttling it: 429 is left to rate limiting). Default 64.
     pub fn max_detached_actions(mut self, actions: usize) -> Self {
         self.socket_limits.max_detached = actions;
+        self
+    }
+
+    /// How many subscriptions one socket may hold (all streams of a multiplexed socket
+    /// together). A subscription is one stream + request id pair: `subscribe_to_all` with 1,001
+    /// distinct request ids holds 1,001, and one instance subscribed under two request ids holds
+    /// two. A subscribe over the cap is answered with a **400** error frame and not kept; the
+    /// socket stays open, and an unsubscribe frees its place. Default 1,000.
+    pub fn max_subscriptions(mut self, subscriptions: usize) -> Self {
+        self.socket_limits.max_subscriptions = subscriptions;
         self
     }
 

@@ -24,7 +24,7 @@ struct Feed {
 impl Feed {
     #[action]
     async fn follow(&mut self, ctx: &Ctx, frame: &Frame<'_>) -> Result<Reply<()>, ApiError> {
-        self.feed.subscribe(ctx, "news", frame.request_id()).await;
+        self.feed.subscribe(ctx, "news", frame.request_id()).await?;
         Ok(Reply::with_status((), dcrf::StatusCode::CREATED))
     }
 }

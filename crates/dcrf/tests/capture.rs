@@ -82,7 +82,7 @@ impl Watch {
     ) -> Result<Reply<&'static str>, ApiError> {
         resync_observer(&self.db)
             .subscribe(ctx, &args.table, frame.request_id())
-            .await;
+            .await?;
         Ok(Reply::ok("subscribed"))
     }
 }

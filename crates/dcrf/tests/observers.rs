@@ -234,7 +234,7 @@ impl Consumer for Watcher {
                 self.obs.class_serializer.subscribe(ctx, "", None).await?;
             }
             "logged_in" => {
-                self.obs.logged_in.subscribe(ctx, "", None).await;
+                self.obs.logged_in.subscribe(ctx, "", None).await?;
             }
             _ => {}
         }

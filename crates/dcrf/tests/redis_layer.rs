@@ -31,7 +31,7 @@ impl Feed {
     ) -> Result<Reply<()>, ApiError> {
         self.feed
             .subscribe(ctx, &args.topic, frame.request_id())
-            .await;
+            .await?;
         Ok(Reply::with_status((), dcrf::StatusCode::CREATED))
     }
 
@@ -46,7 +46,7 @@ impl Feed {
     ) -> Result<Reply<()>, ApiError> {
         self.feed
             .subscribe(ctx, &args.topic, frame.request_id())
-            .await;
+            .await?;
         self.feed
             .send(&args.topic, "news", &json!({"topic": args.topic}))
             .await

@@ -3,7 +3,7 @@
 //! [`Ctx`], what actions return ([`Reply`], [`ApiError`]), and the events of a connection's
 //! subscriptions ([`Event`]).
 
-mod subscriptions;
+pub(crate) mod subscriptions;
 
 use std::fmt::Write;
 use std::future::Future;
@@ -296,7 +296,7 @@ impl Ctx {
                 lag,
                 kick,
                 stream,
-                subscriptions: Subscriptions::default(),
+                subscriptions: Subscriptions::new(guard.subscription_budget()),
                 permissions,
                 guard,
             }),

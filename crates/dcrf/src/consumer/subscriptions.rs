@@ -270,6 +270,64 @@ pub struct Joined {
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
     groups: Mutex<HashMap<Arc<str>, Subscription>>,
+    /// The socket's subscription cap, shared by every stream of a multiplexed socket.
+    budget: Arc<SubscriptionBudget>,
+}
+
+/// How many subscriptions one socket may hold, and how many it holds. A subscription is one
+/// stream + request id pair (a group joined without a request id counts once).
+#[derive(Debug)]
+pub(crate) struct SubscriptionBudget {
+    max: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for SubscriptionBudget {
+    fn default() -> Self {
+        SubscriptionBudget::new(usize::MAX)
+    }
+}
+
+impl SubscriptionBudget {
+    pub(crate) fn new(max: usize) -> Self {
+        SubscriptionBudget {
+            max,
+            used: Default::default(),
+        }
+    }
+
+    /// Takes one subscription, if the socket has one left.
+    fn take(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `n` subscriptions.
+    fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.used
+                .fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// The answer to a subscribe over the cap.
+    fn exhausted(&self) -> ApiError {
+        ApiError::bad_request(format!(
+            "Too many subscriptions on this connection (the limit is {}); unsubscribe from some first.",
+            self.max
+        ))
+    }
+}
+
+impl Subscription {
+    /// How many subscriptions of the socket's budget this one holds.
+    fn weight(&self) -> usize {
+        self.request_ids.len().max(1)
+    }
 }
 
 #[derive(Debug)]
@@ -301,10 +359,20 @@ pub(crate) enum Accept {
 }
 
 impl Subscriptions {
+    /// The subscriptions of one stream of a socket, counted against the socket's `budget`.
+    pub(crate) fn new(budget: Arc<SubscriptionBudget>) -> Self {
+        Subscriptions {
+            groups: Default::default(),
+            budget,
+        }
+    }
+
     /// Subscribes to `group` (with `request_id`, if any; the same id twice is kept once): joins
     /// the group on the layer, reads the stream's position and, when the frame being handled
     /// asks to resume (`since`), queues the missed events for this request id, to be sent
     /// after the reply. The reply gets `position` (and `recovered`).
+    ///
+    /// Refused (400) when the socket holds its cap of subscriptions and this one is new.
     pub(crate) async fn join(
         &self,
         ctx: &Ctx,
@@ -312,8 +380,8 @@ impl Subscriptions {
         group: &Arc<str>,
         request_id: Option<&RawValue>,
         layer: &ChannelLayer,
-    ) -> Joined {
-        self.add(observer, group, request_id, layer);
+    ) -> Result<Joined, ApiError> {
+        self.add(observer, group, request_id, layer)?;
         layer.group_add(group, &ctx.member()).await;
         let since = FRAME.try_with(|f| f.since.clone()).unwrap_or(Since::Absent);
         let asked = match &since {
@@ -330,10 +398,10 @@ impl Subscriptions {
         let cursor = {
             let mut groups = lock(&self.groups);
             let Some(sub) = groups.get_mut(group) else {
-                return Joined {
+                return Ok(Joined {
                     position: None,
                     recovered: None,
-                };
+                });
             };
             if sub.cursor.is_none() {
                 sub.cursor = state.as_ref().map(|s| s.head.clone());
@@ -375,30 +443,48 @@ impl Subscriptions {
                 recovered: joined.recovered,
             })
         });
-        joined
+        Ok(joined)
     }
 
     /// Remembers a subscription to `group` (with `request_id`, if any; the same id twice is
-    /// kept once), without joining the group.
+    /// kept once), without joining the group. Refused when it is new and the socket's budget
+    /// is spent.
     pub(crate) fn add(
         &self,
         observer: &Arc<str>,
         group: &Arc<str>,
         request_id: Option<&RawValue>,
         layer: &ChannelLayer,
-    ) {
+    ) -> Result<(), ApiError> {
         let mut groups = lock(&self.groups);
-        let sub = groups.entry(group.clone()).or_insert_with(|| Subscription {
-            observer: observer.clone(),
-            request_ids: Arc::new(Vec::new()),
-            layer: layer.clone(),
-            cursor: None,
-        });
-        if let Some(rid) = request_id
-            && !sub.request_ids.iter().any(|r| r.get() == rid.get())
-        {
-            Arc::make_mut(&mut sub.request_ids).push(rid.to_owned());
+        match groups.get_mut(group) {
+            None => {
+                if !self.budget.take() {
+                    return Err(self.budget.exhausted());
+                }
+                groups.insert(
+                    group.clone(),
+                    Subscription {
+                        observer: observer.clone(),
+                        request_ids: Arc::new(request_id.map(|r| r.to_owned()).into_iter().collect()),
+                        layer: layer.clone(),
+                        cursor: None,
+                    },
+                );
+            }
+            Some(sub) => {
+                if let Some(rid) = request_id
+                    && !sub.request_ids.iter().any(|r| r.get() == rid.get())
+                {
+                    // The first id of a group joined without one takes no more.
+                    if !sub.request_ids.is_empty() && !self.budget.take() {
+                        return Err(self.budget.exhausted());
+                    }
+                    Arc::make_mut(&mut sub.request_ids).push(rid.to_owned());
+                }
+            }
         }
+        Ok(())
     }
 
     /// Decides what to do with an event, advancing the group's cursor when it is delivered.
@@ -467,13 +553,17 @@ impl Subscriptions {
                 let removed = sub.request_ids.len() != before;
                 if sub.request_ids.is_empty() {
                     groups.remove(group);
+                    self.budget.give_back(1);
                     (removed, true)
                 } else {
+                    self.budget.give_back(usize::from(removed));
                     (removed, false)
                 }
             }
             None => {
-                groups.remove(group);
+                if let Some(sub) = groups.remove(group) {
+                    self.budget.give_back(sub.weight());
+                }
                 (true, true)
             }
         }
@@ -489,10 +579,14 @@ impl Subscriptions {
             }
             let before = sub.request_ids.len();
             Arc::make_mut(&mut sub.request_ids).retain(|r| r.get() != request_id);
-            if before != sub.request_ids.len() && sub.request_ids.is_empty() {
+            if before == sub.request_ids.len() {
+                true
+            } else if sub.request_ids.is_empty() {
+                self.budget.give_back(1);
                 emptied.push(group.clone());
                 false
             } else {
+                self.budget.give_back(1);
                 true
             }
         });
@@ -508,6 +602,8 @@ impl Subscriptions {
     /// Leaves every group (on disconnect).
     pub(crate) fn leave_all(&self, member_id: u64) {
         let all: Vec<(Arc<str>, Subscription)> = lock(&self.groups).drain().collect();
+        self.budget
+            .give_back(all.iter().map(|(_, sub)| sub.weight()).sum());
         for (group, sub) in all {
             sub.layer.group_discard(&group, member_id);
         }
@@ -532,9 +628,9 @@ mod tests {
         let s = Subscriptions::default();
         let layer = ChannelLayer::memory();
         let (o, g): (Arc<str>, Arc<str>) = ("o".into(), "o:1".into());
-        s.add(&o, &g, Some(&rid("\"a\"")), &layer);
-        s.add(&o, &g, Some(&rid("2")), &layer);
-        s.add(&o, &g, Some(&rid("\"a\"")), &layer);
+        s.add(&o, &g, Some(&rid("\"a\"")), &layer).unwrap();
+        s.add(&o, &g, Some(&rid("2")), &layer).unwrap();
+        s.add(&o, &g, Some(&rid("\"a\"")), &layer).unwrap();
         assert_eq!(ids(&s, "o:1"), Some(vec!["\"a\"".into(), "2".into()]));
         assert_eq!(ids(&s, "o:2"), None);
     }
@@ -544,8 +640,8 @@ mod tests {
         let s = Subscriptions::default();
         let layer = ChannelLayer::memory();
         let (o, g): (Arc<str>, Arc<str>) = ("o".into(), "o:1".into());
-        s.add(&o, &g, Some(&rid("1")), &layer);
-        s.add(&o, &g, Some(&rid("2")), &layer);
+        s.add(&o, &g, Some(&rid("1")), &layer).unwrap();
+        s.add(&o, &g, Some(&rid("2")), &layer).unwrap();
         assert_eq!(s.remove("o:1", Some("1")), (true, false));
         assert_eq!(
             s.remove("o:1", Some("9")),
@@ -566,7 +662,7 @@ mod tests {
             panic!("a handler panicked while holding the lock");
         }));
         assert!(poisoned.is_err() && s.groups.is_poisoned());
-        s.add(&"o".into(), &"o:1".into(), Some(&rid("1")), &layer);
+        s.add(&"o".into(), &"o:1".into(), Some(&rid("1")), &layer).unwrap();
         assert_eq!(ids(&s, "o:1"), Some(vec!["1".into()]), "nothing dropped");
         assert_eq!(s.remove("o:1", Some("1")), (true, true));
     }
@@ -576,13 +672,43 @@ mod tests {
         let s = Subscriptions::default();
         let layer = ChannelLayer::memory();
         let (o, p): (Arc<str>, Arc<str>) = ("o".into(), "p".into());
-        s.add(&o, &"o:1".into(), Some(&rid("1")), &layer);
-        s.add(&o, &"o:2".into(), Some(&rid("1")), &layer);
-        s.add(&o, &"o:2".into(), Some(&rid("2")), &layer);
-        s.add(&p, &"p:1".into(), Some(&rid("1")), &layer);
+        s.add(&o, &"o:1".into(), Some(&rid("1")), &layer).unwrap();
+        s.add(&o, &"o:2".into(), Some(&rid("1")), &layer).unwrap();
+        s.add(&o, &"o:2".into(), Some(&rid("2")), &layer).unwrap();
+        s.add(&p, &"p:1".into(), Some(&rid("1")), &layer).unwrap();
         let emptied = s.remove_request("o", "1");
         assert_eq!(emptied, vec![Arc::<str>::from("o:1")]);
         assert_eq!(ids(&s, "o:2"), Some(vec!["2".into()]));
         assert_eq!(ids(&s, "p:1"), Some(vec!["1".into()]));
+    }
+
+    #[test]
+    fn the_budget_counts_stream_and_request_id_pairs_across_streams() {
+        let budget = Arc::new(SubscriptionBudget::new(3));
+        let (a, b) = (
+            Subscriptions::new(budget.clone()),
+            Subscriptions::new(budget.clone()),
+        );
+        let layer = ChannelLayer::memory();
+        let (o, g): (Arc<str>, Arc<str>) = ("o".into(), "o:1".into());
+        a.add(&o, &g, None, &layer).unwrap();
+        a.add(&o, &g, Some(&rid("1")), &layer).unwrap();
+        a.add(&o, &g, Some(&rid("1")), &layer).unwrap();
+        a.add(&o, &g, Some(&rid("2")), &layer).unwrap();
+        b.add(&o, &g, Some(&rid("1")), &layer).unwrap();
+        let refused = b.add(&o, &"o:2".into(), Some(&rid("1")), &layer).unwrap_err();
+        assert_eq!(refused.status().as_u16(), 400);
+        assert_eq!(
+            refused.errors(),
+            vec![serde_json::json!(
+                "Too many subscriptions on this connection (the limit is 3); unsubscribe from some first."
+            )]
+        );
+        assert_eq!(ids(&b, "o:2"), None, "a refused subscription is not kept");
+        assert_eq!(a.remove("o:1", Some("1")), (true, false));
+        b.add(&o, &"o:2".into(), Some(&rid("1")), &layer).unwrap();
+        a.leave_all(1);
+        b.remove_request("o", "1");
+        assert_eq!(budget.used.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }

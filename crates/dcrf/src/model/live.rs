@@ -222,7 +222,13 @@ pub(crate) async fn subscribe_list<C: ModelConsumer>(
     lock(&lists::<C>(ctx).0).insert(rid.get().to_owned(), spec);
     let observer = list_observer(c);
     // The position first, then the snapshot: every change after the position is pushed.
-    let joined = observer.observer.subscribe(ctx, "", Some(rid)).await;
+    let joined = match observer.observer.subscribe(ctx, "", Some(rid)).await {
+        Ok(joined) => joined,
+        Err(e) => {
+            forget(c, ctx, rid);
+            return Err(e);
+        }
+    };
     let results = if joined.recovered == Some(true) {
         None
     } else {

@@ -791,7 +791,7 @@ async fn subscribe_instance<C: ModelConsumer>(
     instance_observer(c)
         .observer()
         .subscribe(ctx, &key, Some(rid))
-        .await;
+        .await?;
     Ok(Reply::with_status((), StatusCode::CREATED))
 }
 
