@@ -51,7 +51,9 @@ async fn the_1001st_subscription_of_a_connection_is_refused_with_400() {
         error_frame(
             "subscribe_to_all",
             400,
-            json!(["Too many subscriptions on this connection (the limit is 1000); unsubscribe from some first."]),
+            json!([
+                "Too many subscriptions on this connection (the limit is 1000); unsubscribe from some first."
+            ]),
             json!(1000)
         )
     );
@@ -109,15 +111,98 @@ async fn subscribe_many_over_the_cap_stops_at_it() {
     assert_eq!(reply["payload"]["response_status"], 400, "{reply}");
     assert_eq!(
         reply["payload"]["errors"],
-        json!(["Too many subscriptions on this connection (the limit is 1000); unsubscribe from some first."])
+        json!([
+            "Too many subscriptions on this connection (the limit is 1000); unsubscribe from some first."
+        ])
     );
     // The streams of one socket share its cap.
     let refused = c
-        .request(json!({"stream": "todos", "payload": {"action": "subscribe_to_all", "request_id": 2}}))
+        .request(
+            json!({"stream": "todos", "payload": {"action": "subscribe_to_all", "request_id": 2}}),
+        )
         .await;
     assert_eq!(refused["payload"]["response_status"], 400);
     let ping = c
-        .request(json!({"stream": "todos", "payload": {"action": "retrieve", "pk": 1, "request_id": 3}}))
+        .request(
+            json!({"stream": "todos", "payload": {"action": "retrieve", "pk": 1, "request_id": 3}}),
+        )
         .await;
-    assert_eq!(ping["payload"]["response_status"], 404, "the socket lives on");
+    assert_eq!(
+        ping["payload"]["response_status"], 404,
+        "the socket lives on"
+    );
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A subscriber that never reads while 200 rows of 500 kB are created (100 MB of pushes for
+/// it): the server holds at most its outbound and event-queue bytes (4 MiB each) and the
+/// stream's history (16 MiB) for it, then lets it go with 1013. Before the byte bounds, 256
+/// queued frames and 1,024 queued events of this size could hold 640 MB (2,000 such rows
+/// peaked at 1.19 GB).
+#[tokio::test]
+async fn a_stalled_subscriber_of_large_rows_costs_its_byte_budget_then_1013() {
+    let dir = std::env::temp_dir().join(format!("dcrf-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let database = format!("sqlite://{}?mode=rwc", dir.join("large.db").display());
+    let s = demo(&database, 0).await;
+    let mut stalled = TestClient::connect_with_receive_buffer(&s.url("/ws/todos/"), 4096)
+        .await
+        .unwrap();
+    let reply = stalled
+        .request(json!({"action": "subscribe_to_all", "request_id": "s"}))
+        .await;
+    assert_eq!(reply["response_status"], 201);
+    let mut w = todos(&s).await;
+    let owner = "o".repeat(500_000);
+    // Warm up the allocator and the database with a few rows first.
+    for i in 0..8 {
+        w.request(
+            json!({"action": "create", "data": {"title": "warm", "owner": owner}, "request_id": i}),
+        )
+        .await;
+    }
+    // Let go while the rows are being written: it reads as soon as it is, and gets the close.
+    let app = s.app.clone();
+    let stalled_end = tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while app.slow_client_closes() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not let go within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stalled.receive_close().await
+    });
+    let before = rss_kib();
+    let mut peak = before;
+    for i in 0..200 {
+        let reply = w
+            .request(json!({"action": "create", "data": {"title": "big", "owner": owner}, "request_id": i}))
+            .await;
+        assert_eq!(reply["response_status"], 201, "create {i}");
+        peak = peak.max(rss_kib());
+    }
+    let growth = peak.saturating_sub(before);
+    eprintln!("peak RSS growth with a stalled subscriber of 200 x 500 kB pushes: {growth} KiB");
+    assert!(growth < 64 * 1024, "memory grew by {growth} KiB");
+    let close = stalled_end.await.unwrap().expect("a close frame");
+    assert_eq!(u16::from(close.code), 1013);
+    // The writer was never held up by the stalled subscriber.
+    let reply = w
+        .request(json!({"action": "retrieve", "pk": 1, "request_id": "after"}))
+        .await;
+    assert_eq!(reply["response_status"], 200);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -49,7 +49,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::BoxFuture;
 use crate::channel::GroupMessage;
-use crate::consumer::{Consumer, Link, Outbound, wrap_stream};
+use crate::consumer::{Consumer, Link, Outbox, wrap_stream};
 use crate::error::ApiError;
 use crate::protocol::{Frame, encode_error};
 use crate::scope::Scope;
@@ -157,7 +157,7 @@ impl Demultiplexer {
 struct MuxSession {
     streams: HashMap<Arc<str>, Box<dyn DynStream>>,
     by_member: HashMap<u64, Arc<str>>,
-    out: tokio::sync::mpsc::Sender<Outbound>,
+    out: Outbox,
     guard: Arc<crate::guard::Guard>,
 }
 
@@ -174,7 +174,7 @@ const ENVELOPE_HELP: &str =
 
 /// Sends an error envelope, wrapped for a stream (or `"stream": null`).
 async fn send_error(
-    out: &tokio::sync::mpsc::Sender<Outbound>,
+    out: &Outbox,
     stream: Option<&str>,
     err: &ApiError,
     action: Option<&str>,
@@ -186,7 +186,7 @@ async fn send_error(
             Some(name) => wrap_stream(name, &payload),
             None => format!("{{\"stream\":null,\"payload\":{payload}}}"),
         };
-        let _ = out.send(Outbound::Text(text.into())).await;
+        let _ = out.send_text(text.into()).await;
     }
 }
 

@@ -77,7 +77,7 @@ use crate::auth::BoxFuture;
 use crate::auth::{Authenticator, NoAuth, query_pairs};
 use crate::channel::{Delivery, GroupMessage, Lag, Position};
 use crate::consumer::{Accept, Event, RESYNC, Replay};
-use crate::consumer::{Consumer, Ctx, Dispatched, Link, Outbound, catch_panic};
+use crate::consumer::{Consumer, Ctx, Dispatched, Link, Outbound, Outbox, catch_panic};
 use crate::error::ApiError;
 pub use crate::guard::{CLOSE_KEEPALIVE_TIMEOUT, CLOSE_TOKEN_EXPIRED};
 use crate::guard::{Guard, SocketLimits};
@@ -108,7 +108,9 @@ pub struct Dcrf {
     permissions: Permissions,
     max_message_size: usize,
     outbound_queue: usize,
+    outbound_bytes: usize,
     event_queue: usize,
+    event_queue_bytes: usize,
     slow_client_timeout: Duration,
     socket_buffers: (usize, usize),
     allowed_origins: Option<Arc<[String]>>,
@@ -141,8 +143,12 @@ impl Default for Dcrf {
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
 /// The default outbound queue length, in frames, per connection.
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
+/// The default bytes of outbound frames queued per connection: 4 MiB.
+pub const DEFAULT_OUTBOUND_BYTES: usize = 4 << 20;
 /// The default event queue length, in group messages, per connection.
 pub const DEFAULT_EVENT_QUEUE: usize = 1024;
+/// The default bytes of group messages queued per connection: 4 MiB.
+pub const DEFAULT_EVENT_QUEUE_BYTES: usize = 4 << 20;
 /// How long a connection may stay behind its subscriptions (its event queue overflowing without
 /// a catch-up) before it is closed with 1013: 5 seconds.
 pub const DEFAULT_SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -180,7 +186,9 @@ impl Dcrf {
             permissions: Permissions::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             outbound_queue: DEFAULT_OUTBOUND_QUEUE,
+            outbound_bytes: DEFAULT_OUTBOUND_BYTES,
             event_queue: DEFAULT_EVENT_QUEUE,
+            event_queue_bytes: DEFAULT_EVENT_QUEUE_BYTES,
             slow_client_timeout: DEFAULT_SLOW_CLIENT_TIMEOUT,
             socket_buffers: DEFAULT_SOCKET_BUFFERS,
             allowed_origins: None,
@@ -240,6 +248,16 @@ impl Dcrf {
         self
     }
 
+    /// How many bytes of frames may wait to be written to one socket (with
+    /// [`outbound_queue`](Self::outbound_queue), whichever is reached first). A frame that does
+    /// not fit waits, as for a full queue; one frame larger than the whole budget is still sent,
+    /// alone. With the event queue's bytes, this bounds what a client that stops reading can
+    /// make the server hold, however large the rows. Default 4 MiB.
+    pub fn outbound_bytes(mut self, bytes: usize) -> Self {
+        self.outbound_bytes = bytes.max(1);
+        self
+    }
+
     /// How many subscription events may wait for one connection. An event that finds the queue
     /// full is not queued: the connection is told it fell behind and, once it has sent what it
     /// has, reads what it missed from the streams' history (or sends a resync notice when the
@@ -247,6 +265,15 @@ impl Dcrf {
     /// are not delayed.
     pub fn event_queue(mut self, events: usize) -> Self {
         self.event_queue = events.max(1);
+        self
+    }
+
+    /// How many bytes of subscription events may wait for one connection (with
+    /// [`event_queue`](Self::event_queue), whichever is reached first); an event over it is
+    /// handled as one that finds the queue full. An empty queue takes any one event. Default
+    /// 4 MiB.
+    pub fn event_queue_bytes(mut self, bytes: usize) -> Self {
+        self.event_queue_bytes = bytes.max(1);
         self
     }
 
@@ -488,10 +515,10 @@ impl Dcrf {
 
     /// The queues of one socket, and the link its contexts send through.
     pub(crate) fn link(&self, stream: Option<Arc<str>>, guard: Arc<Guard>) -> (Link, Queues) {
-        let (out, rx) = mpsc::channel(self.outbound_queue);
+        let (out, rx) = Outbox::new(self.outbound_queue, self.outbound_bytes);
         let (inbox_tx, inbox) = mpsc::channel(self.event_queue);
         let kick = CancellationToken::new();
-        let lag = Arc::new(Lag::new(self.slow_client_timeout));
+        let lag = Arc::new(Lag::new(self.slow_client_timeout, self.event_queue_bytes));
         (
             Link {
                 out,
@@ -769,7 +796,10 @@ async fn run_connection<S: Session>(
             _ = shutdown.cancelled() => break Some((1001, "server shutting down")),
             _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
             end = &mut ended => break Some(end),
-            Some((member, event)) = inbox.recv() => Work::Event(member, event),
+            Some((member, event)) = inbox.recv() => {
+                lag.dequeued(&event);
+                Work::Event(member, event)
+            }
             // After the queued events: what did not fit is read back from history.
             _ = lag.due() => Work::CatchUp,
             message = stream.next() => Work::Frame(message),
@@ -871,12 +901,15 @@ async fn write_loop(
         };
         let Some(first) = first else { break };
         let mut next = Some(first);
+        // The outbound bytes of the frames being written, given back once they are flushed.
+        let mut written = Vec::new();
         while let Some(out) = next.take() {
             match out {
-                Outbound::Text(text) => {
+                Outbound::Text(text, bytes) => {
                     if sink.feed(Message::Text(text)).await.is_err() {
                         return;
                     }
+                    written.push(bytes);
                 }
                 Outbound::Close(frame) => return send_close(&mut sink, frame).await,
             }
@@ -885,6 +918,7 @@ async fn write_loop(
         if sink.flush().await.is_err() {
             return;
         }
+        drop(written);
     }
     if let Ok(frame) = close.await {
         send_close(&mut sink, frame).await;

@@ -445,13 +445,16 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
 
     /// A connection with a given scope.
     pub fn with_scope(consumer: C, scope: crate::scope::Scope) -> Self {
-        let (out, rx) = tokio::sync::mpsc::channel(1024);
+        let (out, rx) = crate::consumer::Outbox::new(1024, usize::MAX);
         let (inbox_tx, inbox) = tokio::sync::mpsc::channel(1024);
         let permissions = consumer.permissions().unwrap_or_default();
         let link = crate::consumer::Link {
             out,
             inbox: inbox_tx,
-            lag: std::sync::Arc::new(crate::channel::Lag::new(std::time::Duration::from_secs(5))),
+            lag: std::sync::Arc::new(crate::channel::Lag::new(
+                std::time::Duration::from_secs(5),
+                usize::MAX,
+            )),
             kick: tokio_util::sync::CancellationToken::new(),
             stream: None,
             guard: Dcrf::new().guard(None),
@@ -477,6 +480,7 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
     /// Runs the handler of every subscription event queued for this connection.
     pub async fn process_events(&mut self) {
         while let Ok((_, message)) = self.inbox.try_recv() {
+            self.ctx.lag().dequeued(&message);
             crate::server::handle_event(&mut self.consumer, &self.ctx, message).await;
         }
     }
@@ -484,7 +488,7 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
     /// The next outbound text frame, if one is queued.
     pub fn receive(&mut self) -> Option<String> {
         match self.rx.try_recv().ok()? {
-            crate::consumer::Outbound::Text(t) => Some(t.to_string()),
+            crate::consumer::Outbound::Text(t, _) => Some(t.to_string()),
             crate::consumer::Outbound::Close(_) => None,
         }
     }

@@ -60,6 +60,7 @@ impl Position {
 /// |---|---|---|
 /// | `size` | 10 000 events | the newest events kept per stream |
 /// | `max_bytes` | 16 MiB | the most body bytes kept per stream (memory layer) |
+/// | `max_total_bytes` | 64 MiB | the most body bytes kept by all streams together (memory layer; the oldest events go first) |
 /// | `ttl` | 5 minutes | a stream's history is dropped after this long without a new event |
 /// | `meta_ttl` | 24 hours | a stream's epoch and offset are forgotten after this long unused |
 ///
@@ -72,6 +73,10 @@ pub struct HistoryOptions {
     pub size: usize,
     /// The most body bytes kept per stream (the memory broker; Redis counts events only).
     pub max_bytes: usize,
+    /// The most body bytes kept by all streams of a memory broker together; over it, the
+    /// oldest events of any stream are dropped first. (Redis keeps history in Redis's memory,
+    /// bounded by `size` per stream and `ttl`.)
+    pub max_total_bytes: usize,
     /// How long a stream's history lives after its last event.
     pub ttl: Duration,
     /// How long a stream's position (epoch, offset) lives after its last use. A subscriber
@@ -84,6 +89,7 @@ impl Default for HistoryOptions {
         HistoryOptions {
             size: 10_000,
             max_bytes: 16 << 20,
+            max_total_bytes: 64 << 20,
             ttl: Duration::from_secs(300),
             meta_ttl: Duration::from_secs(24 * 3600),
         }
@@ -100,6 +106,12 @@ impl HistoryOptions {
     /// Keep at most `bytes` of bodies per stream (memory broker).
     pub fn max_bytes(mut self, bytes: usize) -> Self {
         self.max_bytes = bytes;
+        self
+    }
+
+    /// Keep at most `bytes` of bodies in all streams together (memory broker).
+    pub fn max_total_bytes(mut self, bytes: usize) -> Self {
+        self.max_total_bytes = bytes;
         self
     }
 

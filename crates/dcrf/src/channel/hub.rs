@@ -1,6 +1,7 @@
 //! [`Hub`]: this node's connections by group, and the slow-member policy.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -37,16 +38,45 @@ pub(crate) struct Lag {
     /// Woken when the socket falls behind (for [`Lag::stuck`]).
     fell_behind: Notify,
     timeout: Duration,
+    /// Bytes of the messages in the socket's event queue, and the most it may hold.
+    queued: AtomicUsize,
+    max_queued: usize,
 }
 
 impl Lag {
-    pub(crate) fn new(timeout: Duration) -> Lag {
+    /// A socket's signal: behind for `timeout` means kicked; its event queue holds at most
+    /// `max_queued` bytes of messages (and one message, however large).
+    pub(crate) fn new(timeout: Duration, max_queued: usize) -> Lag {
         Lag {
             behind: Mutex::new(None),
             notify: Notify::new(),
             fell_behind: Notify::new(),
             timeout,
+            queued: AtomicUsize::new(0),
+            max_queued,
         }
+    }
+
+    /// Counts a message into the event queue, unless the queue's bytes are spent (a message
+    /// always fits an empty queue).
+    fn enqueue(&self, message: &GroupMessage) -> bool {
+        let size = message.size();
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q == 0 || q.saturating_add(size) <= self.max_queued)
+                    .then(|| q.saturating_add(size))
+            })
+            .is_ok()
+    }
+
+    /// Counts a message out of the event queue (taken by the connection, or not sent).
+    pub(crate) fn dequeued(&self, message: &GroupMessage) {
+        let size = message.size();
+        let _ = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                Some(q.saturating_sub(size))
+            });
     }
 
     /// An event was dropped; true when the socket has been behind for too long.
@@ -103,7 +133,7 @@ pub(crate) type Decoder = Arc<dyn Fn(&str) -> Option<Object> + Send + Sync>;
 /// The local connections of one node, by group. A [`Broker`](super::Broker) hands it the
 /// messages of the groups it has members of.
 ///
-/// A member whose event queue is full does not get the message: it is told it fell behind,
+/// A member whose event queue is full (in messages, or in bytes) does not get the message: it is told it fell behind,
 /// and reads what it missed from the stream's history (its catch-up). A member that stays
 /// behind for longer than its slow-client timeout is kicked (1013).
 #[derive(Default)]
@@ -130,7 +160,19 @@ impl Hub {
             return;
         };
         for member in members {
-            match member.inbox.try_send((member.id, message.clone())) {
+            let sent = if member.lag.enqueue(&message) {
+                let sent = member.inbox.try_send((member.id, message.clone()));
+                if sent.is_err() {
+                    member.lag.dequeued(&message);
+                }
+                sent
+            } else {
+                Err(mpsc::error::TrySendError::Full((
+                    member.id,
+                    message.clone(),
+                )))
+            };
+            match sent {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // Dropped here, read back from history by the connection's catch-up.
@@ -232,7 +274,7 @@ mod tests {
         let member = Member {
             id,
             inbox,
-            lag: Arc::new(Lag::new(Duration::ZERO)),
+            lag: Arc::new(Lag::new(Duration::ZERO, usize::MAX)),
             kick: CancellationToken::new(),
         };
         (member, rx)

@@ -1,6 +1,7 @@
 //! [`MemoryBroker`]: one process, no network; positions and history in memory.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -16,11 +17,27 @@ use crate::sync::lock;
 ///
 /// Every stream's epoch is new in each process, so a client resuming after a restart is told
 /// its history is gone (`recovered: false`).
+///
+/// A stream exists once a connection has joined or subscribed to its group: an event of a
+/// group no connection of this process ever asked for is neither numbered nor kept (no client
+/// can hold a position in it, so there is nothing to resume). The history of all streams
+/// together is capped at [`HistoryOptions::max_total_bytes`], oldest events first.
 #[derive(Debug, Default)]
 pub struct MemoryBroker {
     hub: OnceLock<Weak<Hub>>,
     options: HistoryOptions,
     streams: Mutex<Streams>,
+    /// Every kept event in publish order (some already dropped by their stream), for the cap
+    /// on all streams' bytes.
+    order: Mutex<VecDeque<(Weak<Mutex<Stream>>, u64)>>,
+    totals: Arc<Totals>,
+}
+
+/// What all streams hold together.
+#[derive(Debug, Default)]
+struct Totals {
+    bytes: AtomicUsize,
+    events: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -39,10 +56,11 @@ struct Stream {
     published: Instant,
     /// The last use of any kind (position expiry).
     used: Instant,
+    totals: Arc<Totals>,
 }
 
 impl Stream {
-    fn new(now: Instant) -> Stream {
+    fn new(now: Instant, totals: Arc<Totals>) -> Stream {
         Stream {
             epoch: new_epoch(),
             offset: 0,
@@ -50,6 +68,7 @@ impl Stream {
             bytes: 0,
             published: now,
             used: now,
+            totals,
         }
     }
 
@@ -57,12 +76,49 @@ impl Stream {
         Position::new(self.epoch.clone(), self.offset)
     }
 
+    fn push(&mut self, message: Arc<GroupMessage>) {
+        let bytes = message.body.get().len();
+        self.bytes += bytes;
+        self.events.push_back(message);
+        self.totals.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.totals.events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(old) = self.events.pop_front() {
+            let bytes = old.body.get().len();
+            self.bytes -= bytes;
+            self.totals.bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.totals.events.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.totals.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.totals
+            .events
+            .fetch_sub(self.events.len(), Ordering::Relaxed);
+        self.events.clear();
+        self.bytes = 0;
+    }
+
+    /// Is the event at `offset` of this epoch still kept?
+    fn holds(&self, offset: u64) -> bool {
+        let first = self.offset + 1 - self.events.len() as u64;
+        !self.events.is_empty() && offset >= first && offset <= self.offset
+    }
+
     /// Drops history older than the ttl (all of it: the ttl counts from the last event).
     fn expire(&mut self, now: Instant, ttl: Duration) {
         if now.duration_since(self.published) > ttl {
-            self.events.clear();
-            self.bytes = 0;
+            self.clear();
         }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
@@ -81,8 +137,52 @@ impl MemoryBroker {
         streams
             .by_group
             .entry(group.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(now))))
+            .or_insert_with(|| Arc::new(Mutex::new(Stream::new(now, self.totals.clone()))))
             .clone()
+    }
+
+    /// The stream of a group being published to: the existing one, or a new one when the
+    /// group has local members (joined, not yet positioned); `None` when nobody asked for it.
+    fn published_stream(&self, group: &Arc<str>, now: Instant) -> Option<Arc<Mutex<Stream>>> {
+        let exists = lock(&self.streams).by_group.get(group).cloned();
+        if exists.is_some() {
+            return exists;
+        }
+        let hub = self.hub.get().and_then(Weak::upgrade)?;
+        hub.has_group(group).then(|| self.stream(group, now))
+    }
+
+    /// Bytes of event bodies kept by all streams together.
+    pub fn history_bytes(&self) -> usize {
+        self.totals.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Drops the oldest events of any stream while all streams together hold more than
+    /// `max_total_bytes`; forgets the order of events their streams dropped themselves.
+    fn trim_total(&self) {
+        let mut order = lock(&self.order);
+        while self.totals.bytes.load(Ordering::Relaxed) > self.options.max_total_bytes {
+            let Some((stream, offset)) = order.pop_front() else {
+                break;
+            };
+            let Some(stream) = stream.upgrade() else {
+                continue;
+            };
+            let mut s = lock(&stream);
+            while s.holds(offset) {
+                s.pop_front();
+            }
+        }
+        // Entries of events already dropped (by their stream's own caps or ttl): compact once
+        // they outnumber the kept events, so the order stays as small as the history.
+        let live = self.totals.events.load(Ordering::Relaxed);
+        if order.len() > 2 * live + 1024 {
+            order.retain(|(stream, offset)| {
+                stream
+                    .upgrade()
+                    .is_some_and(|stream| lock(&stream).holds(*offset))
+            });
+        }
     }
 
     /// Forgets streams unused for `meta_ttl` that have no local member, and expired history;
@@ -111,23 +211,24 @@ impl Broker for MemoryBroker {
 
     fn publish(&self, mut message: GroupMessage) -> BoxFuture<'_, Result<(), Error>> {
         let now = Instant::now();
-        let stream = self.stream(&message.group, now);
+        let Some(stream) = self.published_stream(&message.group, now) else {
+            return Box::pin(std::future::ready(Ok(())));
+        };
         let mut s = lock(&stream);
         s.expire(now, self.options.ttl);
         s.offset += 1;
         s.published = now;
         s.used = now;
-        message.position = Some(Position::new(s.epoch.clone(), s.offset));
+        let offset = s.offset;
+        message.position = Some(Position::new(s.epoch.clone(), offset));
         let message = Arc::new(message);
-        if self.options.size > 0 {
-            s.bytes += message.body.get().len();
-            s.events.push_back(message.clone());
+        let kept = self.options.size > 0;
+        if kept {
+            s.push(message.clone());
             while s.events.len() > self.options.size
                 || (s.bytes > self.options.max_bytes && s.events.len() > 1)
             {
-                if let Some(old) = s.events.pop_front() {
-                    s.bytes -= old.body.get().len();
-                }
+                s.pop_front();
             }
         }
         // Delivered while the stream is locked: members see the stream's events in order.
@@ -135,6 +236,11 @@ impl Broker for MemoryBroker {
             hub.deliver(message);
         }
         drop(s);
+        if kept {
+            // Not under the stream's lock: the order's lock is taken before streams' locks.
+            lock(&self.order).push_back((Arc::downgrade(&stream), offset));
+            self.trim_total();
+        }
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -173,7 +279,7 @@ impl Broker for MemoryBroker {
                 .iter()
                 .filter(|(group, _)| group.starts_with(&*prefix))
                 .map(|(group, stream)| {
-                    *lock(stream) = Stream::new(now);
+                    *lock(stream) = Stream::new(now, self.totals.clone());
                     group.clone()
                 })
                 .collect()
@@ -225,6 +331,7 @@ mod tests {
         let b = MemoryBroker::default();
         let start = recover(&b, "g", None).head;
         assert_eq!(start.offset, 0);
+        recover(&b, "h", None);
         publish(&b, "g", "1");
         publish(&b, "g", "2");
         publish(&b, "h", "3");
@@ -269,6 +376,46 @@ mod tests {
         assert!(state.missed.is_none(), "the first event was dropped");
         let state = recover(&b, "g", Some(Position::new(epoch, 1)));
         assert_eq!(state.missed.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_group_nobody_asked_for_is_not_numbered_or_kept() {
+        let b = MemoryBroker::default();
+        publish(&b, "g", "\"big\"");
+        assert_eq!(b.history_bytes(), 0);
+        assert_eq!(recover(&b, "g", None).head.offset, 0);
+        publish(&b, "g", "\"big\"");
+        assert_eq!(recover(&b, "g", None).head.offset, 1, "asked for: numbered");
+        assert_eq!(b.history_bytes(), 5);
+    }
+
+    #[test]
+    fn all_streams_together_keep_at_most_max_total_bytes_oldest_first() {
+        let b = MemoryBroker::with_history(HistoryOptions::default().max_total_bytes(100));
+        let body = format!("\"{}\"", "x".repeat(18)); // 20 bytes
+        let epochs: Vec<String> = (0..10)
+            .map(|g| recover(&b, &format!("g{g}"), None).head.epoch)
+            .collect();
+        for round in 0..3 {
+            for g in 0..10 {
+                publish(&b, &format!("g{g}"), &body);
+                assert!(b.history_bytes() <= 100, "round {round}, group {g}");
+            }
+        }
+        assert_eq!(b.history_bytes(), 100);
+        // The five newest events are kept (groups 5..9 of the last round), the rest dropped.
+        for (g, epoch) in epochs.iter().enumerate() {
+            let state = recover(&b, &format!("g{g}"), Some(Position::new(epoch.clone(), 2)));
+            assert_eq!(state.missed.is_some(), g >= 5, "group {g}");
+        }
+        // Streams' own trims are forgotten by the order, which stays small.
+        let b = MemoryBroker::with_history(HistoryOptions::default().size(1));
+        recover(&b, "g", None);
+        for _ in 0..10_000 {
+            publish(&b, "g", "1");
+        }
+        assert_eq!(b.history_bytes(), 1);
+        assert!(lock(&b.order).len() <= 1024 + 3);
     }
 
     #[test]

@@ -99,6 +99,11 @@ pub struct GroupMessage {
 }
 
 impl GroupMessage {
+    /// What the message weighs in a connection's event queue: the bytes of its JSON.
+    pub(crate) fn size(&self) -> usize {
+        self.body.get().len() + self.object_json.as_ref().map_or(0, |o| o.get().len())
+    }
+
     /// A message without a typed object.
     pub fn new(observer: Arc<str>, group: Arc<str>, action: Arc<str>, body: Arc<RawValue>) -> Self {
         GroupMessage {

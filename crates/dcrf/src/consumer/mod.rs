@@ -14,7 +14,7 @@ use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use axum::http::StatusCode;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -215,7 +215,7 @@ impl<E: Into<ApiError>> IntoActionResult for Result<(), E> {
 /// switch, the stream name on a multiplexed socket, and the socket's guard (its caps).
 #[derive(Debug, Clone)]
 pub(crate) struct Link {
-    pub(crate) out: mpsc::Sender<Outbound>,
+    pub(crate) out: Outbox,
     pub(crate) inbox: mpsc::Sender<Delivery>,
     pub(crate) lag: Arc<Lag>,
     pub(crate) kick: CancellationToken,
@@ -237,8 +237,59 @@ pub(crate) fn wrap_stream(stream: &str, payload: &str) -> String {
 /// What a connection's writer task receives.
 #[derive(Debug)]
 pub(crate) enum Outbound {
-    Text(Utf8Bytes),
+    /// A text frame, with the bytes of the outbound budget it holds until it is written.
+    Text(Utf8Bytes, OwnedSemaphorePermit),
     Close(CloseFrame),
+}
+
+/// A connection's outbound queue, bounded twice: in frames (the channel's capacity) and in
+/// bytes (a semaphore with one permit per byte; a frame waits until the frames before it have
+/// been written and enough bytes are free, and one frame larger than the whole budget takes all
+/// of it). A sender that finds it full waits: backpressure on whatever produces the frames.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    tx: mpsc::Sender<Outbound>,
+    bytes: Arc<Semaphore>,
+    max_bytes: u32,
+}
+
+impl Outbox {
+    /// A queue of `frames` frames and `bytes` bytes, and its receiving end.
+    pub(crate) fn new(frames: usize, bytes: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(frames.max(1));
+        let max_bytes = u32::try_from(bytes.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        let outbox = Outbox {
+            tx,
+            bytes: Arc::new(Semaphore::new(max_bytes as usize)),
+            max_bytes,
+        };
+        (outbox, rx)
+    }
+
+    /// Queues a text frame, waiting for room.
+    pub(crate) async fn send_text(&self, text: Utf8Bytes) -> Result<(), Closed> {
+        let want = u32::try_from(text.len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.max_bytes);
+        let permit = self
+            .bytes
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .map_err(|_| Closed)?;
+        self.tx
+            .send(Outbound::Text(text, permit))
+            .await
+            .map_err(|_| Closed)
+    }
+
+    /// Queues a close frame (after the frames already queued).
+    pub(crate) async fn send_close(&self, frame: CloseFrame) -> Result<(), Closed> {
+        self.tx
+            .send(Outbound::Close(frame))
+            .await
+            .map_err(|_| Closed)
+    }
 }
 
 static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
@@ -256,7 +307,7 @@ pub struct Ctx {
 struct CtxInner {
     id: u64,
     scope: Scope,
-    out: mpsc::Sender<Outbound>,
+    out: Outbox,
     tasks: TaskTracker,
     cancel: CancellationToken,
     extensions: std::sync::Mutex<axum::http::Extensions>,
@@ -311,6 +362,11 @@ impl Ctx {
             lag: self.inner.lag.clone(),
             kick: self.inner.kick.clone(),
         }
+    }
+
+    /// The connection's catch-up signal and event-queue accounting.
+    pub(crate) fn lag(&self) -> &Arc<Lag> {
+        &self.inner.lag
     }
 
     /// The permissions in force on this connection.
@@ -377,11 +433,7 @@ impl Ctx {
             None => text,
             Some(stream) => wrap_stream(stream, &text).into(),
         };
-        self.inner
-            .out
-            .send(Outbound::Text(text))
-            .await
-            .map_err(|_| Closed)
+        self.inner.out.send_text(text).await
     }
 
     /// The stream this consumer serves on a multiplexed socket.
@@ -631,10 +683,10 @@ impl Ctx {
         let _ = self
             .inner
             .out
-            .send(Outbound::Close(CloseFrame {
+            .send_close(CloseFrame {
                 code,
                 reason: reason.into(),
-            }))
+            })
             .await;
     }
 

@@ -309,8 +309,7 @@ impl SubscriptionBudget {
     /// Gives back `n` subscriptions.
     fn give_back(&self, n: usize) {
         if n > 0 {
-            self.used
-                .fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+            self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
         }
     }
 
@@ -466,7 +465,9 @@ impl Subscriptions {
                     group.clone(),
                     Subscription {
                         observer: observer.clone(),
-                        request_ids: Arc::new(request_id.map(|r| r.to_owned()).into_iter().collect()),
+                        request_ids: Arc::new(
+                            request_id.map(|r| r.to_owned()).into_iter().collect(),
+                        ),
                         layer: layer.clone(),
                         cursor: None,
                     },
@@ -662,7 +663,8 @@ mod tests {
             panic!("a handler panicked while holding the lock");
         }));
         assert!(poisoned.is_err() && s.groups.is_poisoned());
-        s.add(&"o".into(), &"o:1".into(), Some(&rid("1")), &layer).unwrap();
+        s.add(&"o".into(), &"o:1".into(), Some(&rid("1")), &layer)
+            .unwrap();
         assert_eq!(ids(&s, "o:1"), Some(vec!["1".into()]), "nothing dropped");
         assert_eq!(s.remove("o:1", Some("1")), (true, true));
     }
@@ -696,7 +698,9 @@ mod tests {
         a.add(&o, &g, Some(&rid("1")), &layer).unwrap();
         a.add(&o, &g, Some(&rid("2")), &layer).unwrap();
         b.add(&o, &g, Some(&rid("1")), &layer).unwrap();
-        let refused = b.add(&o, &"o:2".into(), Some(&rid("1")), &layer).unwrap_err();
+        let refused = b
+            .add(&o, &"o:2".into(), Some(&rid("1")), &layer)
+            .unwrap_err();
         assert_eq!(refused.status().as_u16(), 400);
         assert_eq!(
             refused.errors(),
