@@ -40,33 +40,33 @@ export class Stream<T = unknown, I = Partial<T>> {
    * `list`: whatever the consumer answers (`{count, results, limit, offset}` when paginated,
    * an array otherwise). `args` may hold `filters`, `ordering`, `limit`, `offset`.
    */
-  list<R = unknown>(args: Record<string, unknown> = {}): Promise<R> {
-    return this.request<R>('list', args);
+  list<R = unknown>(args: Record<string, unknown> = {}, options: RequestOptions = {}): Promise<R> {
+    return this.request<R>('list', args, options);
   }
 
   /** `retrieve` the row with this primary key. */
-  retrieve(pk: Pk): Promise<T> {
-    return this.request<T>('retrieve', { pk });
+  retrieve(pk: Pk, options: RequestOptions = {}): Promise<T> {
+    return this.request<T>('retrieve', { pk }, options);
   }
 
   /** `create` a row from `data`; resolves with it as stored. */
-  create(data: I): Promise<T> {
-    return this.request<T>('create', { data });
+  create(data: I, options: RequestOptions = {}): Promise<T> {
+    return this.request<T>('create', { data }, options);
   }
 
   /** `update` (a full write) of row `pk`. */
-  update(pk: Pk, data: I): Promise<T> {
-    return this.request<T>('update', { pk, data });
+  update(pk: Pk, data: I, options: RequestOptions = {}): Promise<T> {
+    return this.request<T>('update', { pk, data }, options);
   }
 
   /** `patch` (a partial write) of row `pk`. */
-  patch(pk: Pk, data: Partial<I>): Promise<T> {
-    return this.request<T>('patch', { pk, data });
+  patch(pk: Pk, data: Partial<I>, options: RequestOptions = {}): Promise<T> {
+    return this.request<T>('patch', { pk, data }, options);
   }
 
   /** `delete` row `pk`. */
-  async delete(pk: Pk): Promise<void> {
-    await this.request('delete', { pk });
+  async delete(pk: Pk, options: RequestOptions = {}): Promise<void> {
+    await this.request('delete', { pk }, options);
   }
 
   /**
