@@ -1,5 +1,5 @@
 // Generated from the Rust types of crates/dcrf-demo by ts-rs; do not edit.
-// Regenerate with: DCRF_UPDATE_TYPES=1 cargo test -p dcrf-demo --test typescript
+// Regenerate with: DCRF_UPDATE_TYPES=1 cargo test -p dcrf-demo --test frontend
 
 /**
  * One todo: `{"id": 1, "title": "...", "done": false, "owner": ""}`. Exported to

@@ -1,11 +1,11 @@
 //! The demo's model and input types as TypeScript declarations, generated from the Rust structs
 //! with `ts-rs`, for the TypeScript client and the todo page (`clients/typescript/demo/`).
 //!
-//! The checked-in file is [`BINDINGS_PATH`]; the `typescript` integration test fails when it
+//! The checked-in file is [`BINDINGS_PATH`]; the `frontend` integration test fails when it
 //! differs from [`bindings`], and rewrites it when run with `DCRF_UPDATE_TYPES=1`:
 //!
 //! ```text
-//! DCRF_UPDATE_TYPES=1 cargo test -p dcrf-demo --test typescript
+//! DCRF_UPDATE_TYPES=1 cargo test -p dcrf-demo --test frontend
 //! ```
 
 use ts_rs::{Config, TS};
@@ -37,7 +37,7 @@ pub fn bindings() -> String {
     ];
     format!(
         "// Generated from the Rust types of crates/dcrf-demo by ts-rs; do not edit.\n\
-         // Regenerate with: DCRF_UPDATE_TYPES=1 cargo test -p dcrf-demo --test typescript\n\n{}",
+         // Regenerate with: DCRF_UPDATE_TYPES=1 cargo test -p dcrf-demo --test frontend\n\n{}",
         declarations.join("\n")
     )
 }
