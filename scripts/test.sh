@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: Rust unit, integration and doc tests on SQLite, PostgreSQL and
-# Redis, and the JavaScript acceptance suite with the real DCRF client.
+# Redis, the JavaScript acceptance suite with the real DCRF client, the TypeScript client's
+# suite and the browser suite of the todo page (Chromium at /usr/bin/chromium; skipped without
+# it outside CI).
 # PostgreSQL and Redis are started if installed and down. Tests that need one have `postgres` or
 # `redis` in their names and fail when its URL is unset; without the service this script filters
 # them out, so the runner's summary counts them as skipped. Under CI (CI=true) a missing service
@@ -38,18 +40,30 @@ else
 fi
 cargo test --workspace --doc
 
-# The real JS client (dcrf-client 0.3.0) against the demo server: SQLite and the in-memory
-# layer, then once more on PostgreSQL with the Redis layer.
+# The real JS client (dcrf-client 0.3.0) against the demo server, then the TypeScript client
+# (clients/typescript: its types, the page bundle against its sources, its suite) and the todo
+# page in Chromium (tests/browser): SQLite and the in-memory layer, then once more on
+# PostgreSQL with the Redis layer.
 cargo build -p dcrf-demo
 export DCRF_DEMO_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/dcrf-demo"
 (cd tests/acceptance && npm ci --no-audit --no-fund && npm test)
+(cd clients/typescript && npm ci --no-audit --no-fund && npm run typecheck && npm run check:page && npm test)
+if [[ ! -x /usr/bin/chromium && "${CI:-}" == "true" ]]; then
+  echo "error: /usr/bin/chromium is missing; CI needs it for the browser suite" >&2
+  exit 1
+fi
+(cd tests/browser && npm ci --no-audit --no-fund && npm test)
 if [[ -n "${DATABASE_URL:-}" && -n "${REDIS_URL:-}" ]]; then
-  schema="dcrf_accept_$$"
-  psql "$DATABASE_URL" -qc "create schema $schema"
-  trap 'psql "$DATABASE_URL" -qc "drop schema if exists $schema cascade" >/dev/null 2>&1 || true' EXIT
+  schemas=("dcrf_accept_$$" "dcrf_ts_$$" "dcrf_browser_$$")
+  for schema in "${schemas[@]}"; do psql "$DATABASE_URL" -qc "create schema $schema"; done
+  trap 'for schema in "${schemas[@]}"; do psql "$DATABASE_URL" -qc "drop schema if exists $schema cascade" >/dev/null 2>&1 || true; done' EXIT
+  on_schema() { echo "$DATABASE_URL?options=-c%20search_path%3D$1"; }
   (cd tests/acceptance &&
-    DCRF_TEST_DATABASE_URL="$DATABASE_URL?options=-c%20search_path%3D$schema" \
-    DCRF_TEST_LAYER="$REDIS_URL" npm test)
+    DCRF_TEST_DATABASE_URL="$(on_schema "dcrf_accept_$$")" DCRF_TEST_LAYER="$REDIS_URL" npm test)
+  (cd clients/typescript &&
+    DCRF_TEST_DATABASE_URL="$(on_schema "dcrf_ts_$$")" DCRF_TEST_LAYER="$REDIS_URL" npm test)
+  (cd tests/browser &&
+    DCRF_TEST_DATABASE_URL="$(on_schema "dcrf_browser_$$")" DCRF_TEST_LAYER="$REDIS_URL" npm test)
 else
-  echo "SKIPPED: acceptance suite on PostgreSQL + Redis (DATABASE_URL or REDIS_URL unset)"
+  echo "SKIPPED: acceptance, TypeScript client and browser suites on PostgreSQL + Redis (DATABASE_URL or REDIS_URL unset)"
 fi

@@ -10,7 +10,8 @@
 //! - `/ws`: the multiplexed socket (`{"stream": S, "payload": ...}`) with streams `things`,
 //!   `things_with_id`, `todos`, `echo` and `api`;
 //! - `/api/todos`, `/api/todos/{id}`, `/api/whoami`: plain HTTP, also served over the socket at
-//!   `/ws/api/` (and the `api` stream).
+//!   `/ws/api/` (and the `api` stream);
+//! - `/`: a live todo page built on the TypeScript client (`clients/typescript`), see [`page`].
 
 use dcrf::auth::JwtAuth;
 use dcrf::multiplex::Demultiplexer;
@@ -18,8 +19,10 @@ use dcrf::prelude::*;
 
 pub mod api;
 pub mod echo;
+pub mod page;
 pub mod things;
 pub mod todos;
+pub mod typescript;
 
 /// The JWT secret the demo uses when none is given (`--jwt-secret`): fine for a demo, never
 /// for production. The binary refuses to serve a non-loopback address with it.
@@ -107,6 +110,7 @@ pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Er
         .route("/ws/todos/", app.consumer(move || todos.clone()))
         .route("/ws", mux.route())
         .route("/ws/api/", app.consumer(move || api.clone()))
-        .merge(api::router(db));
+        .merge(api::router(db))
+        .merge(page::router());
     Ok((router, app))
 }

@@ -18,9 +18,11 @@ pub mod thing {
     use sea_orm::entity::prelude::*;
     use serde::{Deserialize, Serialize};
 
-    /// `Thing(id, name ≤ 64, counter default 0)`.
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize)]
+    /// `Thing(id, name ≤ 64, counter default 0)`; the `things_with_id` representation.
+    /// Exported to TypeScript as `Thing`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize, ts_rs::TS)]
     #[sea_orm(table_name = "thing")]
+    #[ts(rename = "Thing")]
     pub struct Model {
         /// Primary key.
         #[sea_orm(primary_key)]
@@ -39,7 +41,7 @@ pub mod thing {
 }
 
 /// What clients may write.
-#[derive(Debug, Deserialize, garde::Validate, DeriveIntoActiveModel)]
+#[derive(Debug, Deserialize, garde::Validate, DeriveIntoActiveModel, ts_rs::TS)]
 #[sea_orm(active_model = "thing::ActiveModel")]
 pub struct ThingInput {
     /// Required, not empty, up to 64 characters.
@@ -48,11 +50,12 @@ pub struct ThingInput {
     /// Default 0.
     #[garde(skip)]
     #[serde(default)]
+    #[ts(as = "Option<i32>", optional)]
     pub counter: i32,
 }
 
 /// `{"pk": 1, "name": "...", "counter": 0}` (the `things` stream).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ts_rs::TS)]
 pub struct ThingWithPk {
     /// The primary key, named `pk`.
     pub pk: i32,

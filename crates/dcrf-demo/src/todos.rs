@@ -15,9 +15,11 @@ pub mod todo {
     use sea_orm::entity::prelude::*;
     use serde::{Deserialize, Serialize};
 
-    /// One todo: `{"id": 1, "title": "...", "done": false, "owner": ""}`.
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize)]
+    /// One todo: `{"id": 1, "title": "...", "done": false, "owner": ""}`. Exported to
+    /// TypeScript as `Todo`.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize, ts_rs::TS)]
     #[sea_orm(table_name = "todo")]
+    #[ts(rename = "Todo")]
     pub struct Model {
         /// Primary key.
         #[sea_orm(primary_key)]
@@ -38,7 +40,7 @@ pub mod todo {
 }
 
 /// What clients may write.
-#[derive(Debug, Deserialize, Serialize, garde::Validate, DeriveIntoActiveModel)]
+#[derive(Debug, Deserialize, Serialize, garde::Validate, DeriveIntoActiveModel, ts_rs::TS)]
 #[sea_orm(active_model = "todo::ActiveModel")]
 pub struct TodoInput {
     /// Required, not blank, at most 200 characters (DRF's `CharField(max_length=200)`).
@@ -47,10 +49,12 @@ pub struct TodoInput {
     /// Default false.
     #[garde(skip)]
     #[serde(default)]
+    #[ts(as = "Option<bool>", optional)]
     pub done: bool,
     /// Default "".
     #[garde(skip)]
     #[serde(default)]
+    #[ts(as = "Option<String>", optional)]
     pub owner: String,
 }
 
@@ -83,7 +87,7 @@ pub fn all_todos(db: &Db) -> Arc<ModelObserver<todo::Model>> {
 }
 
 /// `bulk_set_done` arguments.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ts_rs::TS)]
 pub struct BulkSetDone {
     /// The todos to change.
     pub ids: Vec<i32>,
@@ -92,14 +96,15 @@ pub struct BulkSetDone {
 }
 
 /// `{"updated": n}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ts_rs::TS)]
 pub struct Updated {
     /// Rows changed.
+    #[ts(type = "number")]
     pub updated: u64,
 }
 
 /// `{"subscribed": bool}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ts_rs::TS)]
 pub struct Subscribed {
     /// Whether the connection now receives every change.
     pub subscribed: bool,
