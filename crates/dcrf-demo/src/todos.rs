@@ -86,6 +86,9 @@ pub fn all_todos(db: &Db) -> Arc<ModelObserver<todo::Model>> {
         .serialize(|t: &todo::Model, _| t.clone())
 }
 
+/// Ids per statement of `bulk_set_done`.
+const BULK_CHUNK: usize = 10_000;
+
 /// `bulk_set_done` arguments.
 #[derive(Debug, Deserialize, ts_rs::TS)]
 pub struct BulkSetDone {
@@ -168,12 +171,17 @@ impl Todos {
     #[action]
     async fn bulk_set_done(&mut self, args: BulkSetDone) -> Result<Reply<Updated>, ApiError> {
         let mut txn = self.db.begin().await?;
-        let updated = txn
-            .update_where::<todo::Entity>(
-                Condition::all().add(todo::Column::Id.is_in(args.ids)),
-                |u| u.col_expr(todo::Column::Done, Expr::value(args.done)),
-            )
-            .await?;
+        let mut updated = 0;
+        // SQLite binds at most 32,766 parameters per statement: one transaction, several
+        // statements, so any list that fits in a message works.
+        for ids in args.ids.chunks(BULK_CHUNK) {
+            updated += txn
+                .update_where::<todo::Entity>(
+                    Condition::all().add(todo::Column::Id.is_in(ids.iter().copied())),
+                    |u| u.col_expr(todo::Column::Done, Expr::value(args.done)),
+                )
+                .await?;
+        }
         txn.commit().await?;
         Ok(Reply::ok(Updated { updated }))
     }

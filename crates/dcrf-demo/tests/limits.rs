@@ -2,6 +2,8 @@
 //! connection, outbound memory with large rows, the size of what one request returns, and the
 //! client mistakes that must answer 400 rather than 500.
 
+mod common;
+
 use std::time::Duration;
 
 use dcrf::testing::{TestClient, TestServer};
@@ -205,4 +207,106 @@ async fn a_stalled_subscriber_of_large_rows_costs_its_byte_budget_then_1013() {
         .await;
     assert_eq!(reply["response_status"], 200);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Client mistakes answer 400 with a clear message, never 500, and the socket lives on.
+#[tokio::test]
+async fn malformed_values_answer_400() {
+    let s = demo("sqlite::memory:", 3).await;
+    let mut c = todos(&s).await;
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!(r#"{{"action": "create", "data": {{"title": {deep}}}, "request_id": 1}}"#),
+            "deep",
+        ),
+        (
+            r#"{"action": "list", "limit": 1e400, "request_id": 2}"#.to_owned(),
+            "limit",
+        ),
+        (
+            r#"{"action": "list", "offset": 1e400, "request_id": 3}"#.to_owned(),
+            "offset",
+        ),
+        (
+            r#"{"action": "create", "data": {"title": 1e400}, "request_id": 4}"#.to_owned(),
+            "data number",
+        ),
+        (
+            r#"{"action": "create", "data": {"title": "a\udc00b"}, "request_id": 5}"#.to_owned(),
+            "lone surrogate",
+        ),
+        (
+            r#"{"action": "create", "data": {"title": "a\u0000b"}, "request_id": 6}"#.to_owned(),
+            "NUL",
+        ),
+        (
+            r#"{"action": "patch", "pk": 1, "data": {"owner": "a\u0000b"}, "request_id": 7}"#
+                .to_owned(),
+            "NUL in patch",
+        ),
+        (
+            format!(
+                r#"{{"action": "bulk_set_done", "ids": {:?}, "done": true, "request_id": 8}}"#,
+                (1..=40_000).collect::<Vec<u32>>()
+            ),
+            "bulk",
+        ),
+    ];
+    // Not a mistake: 40,000 ids (past SQLite's 32,766 parameters) update what exists.
+    let (bulk, cases) = cases.split_last().unwrap();
+    let invalid = |column: u32, what: &str| format!("Invalid JSON: {what} at line 1 column {column}");
+    let expected = [
+        json!({"errors": [invalid(137, "recursion limit exceeded")], "data": null, "action": "create", "response_status": 400, "request_id": 1}),
+        json!({"errors": [invalid(5, "number out of range")], "data": null, "action": "list", "response_status": 400, "request_id": 2}),
+        json!({"errors": [invalid(5, "number out of range")], "data": null, "action": "list", "response_status": 400, "request_id": 3}),
+        json!({"errors": [invalid(15, "number out of range")], "data": null, "action": "create", "response_status": 400, "request_id": 4}),
+        json!({"errors": [invalid(18, "lone leading surrogate in hex escape")], "data": null, "action": "create", "response_status": 400, "request_id": 5}),
+        json!({"errors": [{"title": ["Null characters are not allowed."]}], "data": null, "action": "create", "response_status": 400, "request_id": 6}),
+        json!({"errors": [{"owner": ["Null characters are not allowed."]}], "data": null, "action": "patch", "response_status": 400, "request_id": 7}),
+    ];
+    for ((frame, what), expected) in cases.iter().zip(expected) {
+        c.send_text(frame).await;
+        assert_eq!(c.receive_json().await, expected, "{what}");
+    }
+    c.send_text(&bulk.0).await;
+    let reply = c.receive_json().await;
+    assert_eq!(reply["data"], json!({"updated": 3}), "{reply}");
+    // A filter or lookup value with NUL matches nothing (and never reaches the database).
+    let reply = c
+        .request(json!({"action": "list", "filters": {"owner": "a\u{0}"}, "request_id": 9}))
+        .await;
+    assert_eq!(reply["response_status"], 400, "{reply}");
+}
+
+/// PostgreSQL cannot store NUL in text: a write with one answers 400 (not a database error),
+/// and a lookup or filter with one finds nothing.
+#[tokio::test]
+async fn nul_characters_answer_400_on_postgres() {
+    let (database, _dir) = common::shared_database(common::Backend::Postgres, "nul").await;
+    let s = demo(&database, 2).await;
+    let mut c = todos(&s).await;
+    let reply = c
+        .request(json!({"action": "create", "data": {"title": "a\u{0}b"}, "request_id": 1}))
+        .await;
+    assert_eq!(
+        reply,
+        json!({"errors": [{"title": ["Null characters are not allowed."]}], "data": null, "action": "create", "response_status": 400, "request_id": 1})
+    );
+    let reply = c
+        .request(json!({"action": "update", "pk": 1, "data": {"title": "t", "owner": "\u{0}"}, "request_id": 2}))
+        .await;
+    assert_eq!(reply["errors"], json!([{"owner": ["Null characters are not allowed."]}]));
+    let reply = c
+        .request(json!({"action": "list", "filters": {"owner": "\u{0}"}, "request_id": 3}))
+        .await;
+    assert_eq!(reply["response_status"], 400, "{reply}");
+    let reply = c
+        .request(json!({"action": "retrieve", "pk": "1\u{0}", "request_id": 4}))
+        .await;
+    assert_eq!(reply["response_status"], 404, "{reply}");
+    let reply = c
+        .request(json!({"action": "retrieve", "pk": 1, "request_id": 5}))
+        .await;
+    assert_eq!(reply["response_status"], 200, "the socket and the database connection live on");
 }

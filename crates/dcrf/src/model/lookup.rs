@@ -58,6 +58,8 @@ pub fn json_to_value<C: ColumnTrait>(column: C, raw: &str) -> Option<Value> {
             _ => None,
         },
         _ => match json {
+            // No stored text holds NUL (writes refuse it, PostgreSQL cannot store it).
+            serde_json::Value::String(s) if s.contains('\0') => None,
             serde_json::Value::String(s) => Some(Value::String(Some(s))),
             serde_json::Value::Number(n) => Some(Value::String(Some(n.to_string()))),
             _ => None,

@@ -100,6 +100,19 @@ fn python_type(v: &Value) -> &'static str {
     }
 }
 
+/// DRF's message for a string with a NUL character (`ProhibitNullCharactersValidator`).
+pub const NULL_CHARACTERS: &str = "Null characters are not allowed.";
+
+/// Does any string in `value` (or any key of its objects) hold a NUL character?
+fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
 /// Parses `data` into an input type and runs its garde rules, with DRF's messages
 /// ([`DrfMessages`](super::validators::DrfMessages)).
 ///
@@ -118,6 +131,15 @@ where
         ));
         return Err(errors.into());
     };
+    // DRF's CharField refuses NUL (PostgreSQL cannot store it in text); so do we, on every
+    // backend, wherever it sits in a field's value.
+    let mut errors = ValidationErrors::new();
+    for (field, value) in &fields {
+        if contains_nul(value) {
+            errors.add(field, NULL_CHARACTERS);
+        }
+    }
+    errors.into_result()?;
     let merged = match base {
         Some(Value::Object(mut current)) => {
             current.extend(fields);
