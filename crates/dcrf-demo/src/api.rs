@@ -2,27 +2,35 @@
 //! `/ws/api/` (DCRF's `view_as_consumer`).
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use dcrf::model::Db;
 use dcrf::prelude::*;
 use dcrf::view::ViewConsumer;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::todos::{TodoInput, todo};
 
-/// `GET /api/todos?done=true&owner=ada`.
+/// `GET /api/todos?done=true&owner=ada&limit=50&offset=100` (every parameter optional).
 #[derive(Debug, Deserialize)]
 struct Filters {
     done: Option<bool>,
     owner: Option<String>,
+    limit: Option<u64>,
+    offset: Option<u64>,
 }
 
+/// The most bytes of rows one `GET /api/todos` answers with (the socket's reply cap).
+const MAX_LIST_BYTES: usize = dcrf::server::DEFAULT_MAX_REPLY_SIZE;
+
+/// A JSON array of the rows, read one by one: over [`MAX_LIST_BYTES`] the query stops and the
+/// answer is 413, so a request over large rows costs at most that much memory.
 async fn list(State(db): State<Db>, Query(f): Query<Filters>) -> Response {
+    use futures_util::TryStreamExt;
     let mut query = todo::Entity::find().order_by_asc(todo::Column::Id);
     if let Some(done) = f.done {
         query = query.filter(todo::Column::Done.eq(done));
@@ -30,8 +38,39 @@ async fn list(State(db): State<Db>, Query(f): Query<Filters>) -> Response {
     if let Some(owner) = f.owner {
         query = query.filter(todo::Column::Owner.eq(owner));
     }
-    match query.all(db.conn()).await {
-        Ok(rows) => Json(rows).into_response(),
+    if let Some(limit) = f.limit {
+        query = query.limit(limit);
+    }
+    if let Some(offset) = f.offset {
+        query = query.offset(offset);
+    }
+    let rows = async {
+        let mut rows = query.stream(db.conn()).await?;
+        let mut body = String::from("[");
+        while let Some(row) = rows.try_next().await? {
+            if body.len() > 1 {
+                body.push(',');
+            }
+            body.push_str(
+                &serde_json::to_string(&row).map_err(|e| sea_orm::DbErr::Custom(e.to_string()))?,
+            );
+            if body.len() > MAX_LIST_BYTES {
+                return Ok(None);
+            }
+        }
+        body.push(']');
+        Ok::<_, sea_orm::DbErr>(Some(body))
+    }
+    .await;
+    match rows {
+        Ok(Some(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Ok(None) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(json!({"detail": format!(
+                "The response is too large (over {MAX_LIST_BYTES} bytes). Ask for less data with limit and offset, or filters."
+            )})),
+        )
+            .into_response(),
         Err(e) => server_error(e),
     }
 }

@@ -255,7 +255,8 @@ async fn malformed_values_answer_400() {
     ];
     // Not a mistake: 40,000 ids (past SQLite's 32,766 parameters) update what exists.
     let (bulk, cases) = cases.split_last().unwrap();
-    let invalid = |column: u32, what: &str| format!("Invalid JSON: {what} at line 1 column {column}");
+    let invalid =
+        |column: u32, what: &str| format!("Invalid JSON: {what} at line 1 column {column}");
     let expected = [
         json!({"errors": [invalid(137, "recursion limit exceeded")], "data": null, "action": "create", "response_status": 400, "request_id": 1}),
         json!({"errors": [invalid(5, "number out of range")], "data": null, "action": "list", "response_status": 400, "request_id": 2}),
@@ -296,7 +297,10 @@ async fn nul_characters_answer_400_on_postgres() {
     let reply = c
         .request(json!({"action": "update", "pk": 1, "data": {"title": "t", "owner": "\u{0}"}, "request_id": 2}))
         .await;
-    assert_eq!(reply["errors"], json!([{"owner": ["Null characters are not allowed."]}]));
+    assert_eq!(
+        reply["errors"],
+        json!([{"owner": ["Null characters are not allowed."]}])
+    );
     let reply = c
         .request(json!({"action": "list", "filters": {"owner": "\u{0}"}, "request_id": 3}))
         .await;
@@ -308,5 +312,97 @@ async fn nul_characters_answer_400_on_postgres() {
     let reply = c
         .request(json!({"action": "retrieve", "pk": 1, "request_id": 5}))
         .await;
-    assert_eq!(reply["response_status"], 200, "the socket and the database connection live on");
+    assert_eq!(
+        reply["response_status"], 200,
+        "the socket and the database connection live on"
+    );
+}
+
+/// A 50-byte `list` over large rows: the query stops once the rows outgrow the reply cap
+/// (16 MiB) and the answer is 413, three at once included; `GET /api/todos` likewise. Before,
+/// each held every row and its JSON (three at once: 837 MB).
+#[tokio::test]
+async fn a_list_over_large_rows_stops_at_the_reply_cap() {
+    let dir = std::env::temp_dir().join(format!("dcrf-amplify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let database = format!("sqlite://{}?mode=rwc", dir.join("amplify.db").display());
+    let s = demo(&database, 0).await;
+    {
+        use dcrf::sea_orm::ConnectionTrait;
+        let db = dcrf::model::Db::connect(&database).await.unwrap();
+        // 60 rows of 500 kB (30 MB), written behind the server's back.
+        db.conn()
+            .execute_unprepared(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 60) \
+                 INSERT INTO todo (title, done, owner) SELECT 't' || i, 0, printf('%.500000c', 'o') FROM n",
+            )
+            .await
+            .unwrap();
+    }
+    let before = rss_kib();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(todos(&s).await);
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send_json(json!({"action": "list", "limit": 1000, "request_id": i}))
+            .await;
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.receive_json().await,
+            error_frame(
+                "list",
+                413,
+                json!([
+                    "The reply is too large to send (over 16777216 bytes; the limit is 16777216 bytes). Ask for less data, e.g. a smaller page."
+                ]),
+                json!(i)
+            )
+        );
+    }
+    let growth = rss_kib().saturating_sub(before);
+    eprintln!("RSS growth over three lists of 30 MB: {growth} KiB");
+    assert!(growth < 96 * 1024, "memory grew by {growth} KiB");
+    // A page that fits is served.
+    let page = clients[0]
+        .request(json!({"action": "list", "limit": 10, "request_id": "p"}))
+        .await;
+    assert_eq!(page["response_status"], 200);
+    assert_eq!(page["data"]["results"].as_array().map(Vec::len), Some(10));
+    assert_eq!(page["data"]["count"], 60);
+    // Plain HTTP.
+    let http = |path: &'static str| http_get(s.addr, path);
+    let (status, body) = http("/api/todos").await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"detail": "The response is too large (over 16777216 bytes). Ask for less data with limit and offset, or filters."})
+    );
+    let (status, body) = http("/api/todos?limit=2&offset=1").await;
+    assert_eq!(status, 200);
+    let rows: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        rows.as_array()
+            .map(|r| r.iter().map(|t| t["id"].clone()).collect::<Vec<_>>()),
+        Some(vec![json!(2), json!(3)])
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `GET path` over plain HTTP/1.1: the status code and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut response = Vec::new();
+    tcp.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap();
+    (status, body.to_owned())
 }

@@ -186,19 +186,17 @@ async fn snapshot<C: ModelConsumer>(
     c: &C,
     ctx: &Ctx,
     frame: &Frame<'_>,
-) -> Result<Vec<C::Output>, ApiError> {
+) -> Result<Vec<Box<RawValue>>, ApiError> {
     let max = max_rows(c);
-    let rows = list_query(c, ctx, frame)?
-        .limit(max + 1)
-        .all(c.db().conn())
-        .await?;
+    let query = list_query(c, ctx, frame)?.limit(max + 1);
+    let rows = pagination::fetch_rows::<C>(c.db(), query, ctx.guard().max_reply()).await?;
     if rows.len() as u64 > max {
         return Err(ApiError::bad_request(format!(
             "This list has more than {max} rows; a live list holds at most {max}. \
              Narrow it with filters."
         )));
     }
-    Ok(rows.into_iter().map(C::Output::from).collect())
+    Ok(rows)
 }
 
 /// `subscribe_list`: the snapshot and its position, then a push per change of the set.
@@ -206,7 +204,7 @@ pub(crate) async fn subscribe_list<C: ModelConsumer>(
     c: &C,
     ctx: &Ctx,
     frame: &Frame<'_>,
-) -> Result<Reply<serde_json::Value>, ApiError> {
+) -> Result<Reply<Box<RawValue>>, ApiError> {
     let rid = super::subscription_request_id(frame)?;
     crate::consumer::since(frame)?;
     // The same rules as `list`: checked before subscribing.
@@ -240,7 +238,7 @@ pub(crate) async fn subscribe_list<C: ModelConsumer>(
             }
         }
     };
-    let data = serde_json::to_value(Snapshot {
+    let data = serde_json::value::to_raw_value(&Snapshot {
         results,
         position: joined.position,
     })

@@ -531,18 +531,17 @@ async fn list<C: ModelConsumer>(
     c: &C,
     ctx: &Ctx,
     frame: &Frame<'_>,
-) -> Result<Reply<ListData<C::Output>>, ApiError> {
+) -> Result<Reply<ListData<Box<serde_json::value::RawValue>>>, ApiError> {
     let query = list_query(c, ctx, frame)?;
+    let max_bytes = ctx.guard().max_reply();
     match c.pagination() {
         None => {
-            let rows = query.all(c.db().conn()).await?;
-            Ok(Reply::ok(ListData::All(
-                rows.into_iter().map(C::Output::from).collect(),
-            )))
+            let rows = pagination::fetch_rows::<C>(c.db(), query, max_bytes).await?;
+            Ok(Reply::ok(ListData::All(rows)))
         }
         Some(p) => {
             let (limit, offset) = p.limit_offset(frame)?;
-            let page = pagination::fetch_page::<C>(c.db(), query, limit, offset).await?;
+            let page = pagination::fetch_page::<C>(c.db(), query, limit, offset, max_bytes).await?;
             Ok(Reply::ok(ListData::Page(page)))
         }
     }
@@ -591,7 +590,9 @@ fn start_stream<C: ModelConsumer>(c: &C, ctx: &Ctx, frame: &Frame<'_>) -> Result
         let run = async {
             loop {
                 tokio::time::sleep(pause).await;
-                let page = pagination::fetch_page::<C>(&db, query.clone(), limit, offset).await;
+                let max_bytes = task_ctx.guard().max_reply();
+                let page =
+                    pagination::fetch_page::<C>(&db, query.clone(), limit, offset, max_bytes).await;
                 match page {
                     Ok(page) => {
                         let (count, limit) = (page.count as i64, page.limit as i64);

@@ -5,6 +5,7 @@ use sea_orm::{
 };
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::{Db, ModelConsumer, column_named, json_to_value};
 use crate::error::ApiError;
@@ -99,19 +100,13 @@ pub(crate) async fn fetch_page<C: ModelConsumer>(
     query: Select<C::Entity>,
     limit: u64,
     offset: u64,
-) -> Result<Page<C::Output>, ApiError> {
+    max_bytes: usize,
+) -> Result<Page<Box<RawValue>>, ApiError> {
     let count = query.clone().count(db.conn()).await?;
     let results = if count == 0 || offset > count {
         Vec::new()
     } else {
-        query
-            .offset(offset)
-            .limit(limit)
-            .all(db.conn())
-            .await?
-            .into_iter()
-            .map(C::Output::from)
-            .collect()
+        fetch_rows::<C>(db, query.offset(offset).limit(limit), max_bytes).await?
     };
     Ok(Page {
         count,
@@ -119,6 +114,29 @@ pub(crate) async fn fetch_page<C: ModelConsumer>(
         limit,
         offset,
     })
+}
+
+/// The rows of a query as their output's JSON, serialized one by one as they arrive. Once they
+/// weigh more than `max_bytes` (a reply that could not be sent: the reply cap) the query stops
+/// and the answer is 413, so a request over large rows holds at most that much, not every row.
+pub(crate) async fn fetch_rows<C: ModelConsumer>(
+    db: &Db,
+    query: Select<C::Entity>,
+    max_bytes: usize,
+) -> Result<Vec<Box<RawValue>>, ApiError> {
+    use futures_util::TryStreamExt;
+    let mut stream = query.stream(db.conn()).await?;
+    let mut rows = Vec::new();
+    let mut total = 0usize;
+    while let Some(model) = stream.try_next().await? {
+        let text = serde_json::to_string(&C::Output::from(model)).map_err(ApiError::internal)?;
+        total += text.len() + 1;
+        if total > max_bytes {
+            return Err(crate::guard::reply_too_large(None, max_bytes));
+        }
+        rows.push(RawValue::from_string(text).map_err(ApiError::internal)?);
+    }
+    Ok(rows)
 }
 
 /// Equality filters: a column and its value (`None`: `IS NULL`).
