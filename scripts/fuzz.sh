@@ -46,7 +46,7 @@ for target in "${targets[@]}"; do
   echo "== $target: ${seconds} s"
   # -timeout: one input taking over 10 s is a hang; -rss_limit_mb: a leak or a blow-up.
   cargo fuzz run "${opts[@]}" "$target" "$scratch" "corpus/$target" -- \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -dict=dcrf.dict -print_final_stats=1 2>&1 \
     | grep -vE '^#[0-9]+\s+(NEW|REDUCE|pulse)' || { echo "fuzz target $target failed" >&2; exit 1; }
 done
 echo "fuzzing: $(($(date +%s) - start)) s in all"
