@@ -3,7 +3,7 @@
 # multiplex envelope and argument decoding: the targets in crates/dcrf/fuzz/fuzz_targets/, their
 # harnesses in crates/dcrf/fuzz/src/lib.rs.
 #
-#   scripts/fuzz.sh [SECONDS]      # each target for SECONDS (default 60); CI runs it with 20
+#   scripts/fuzz.sh [SECONDS]      # each target for SECONDS (default 60); CI runs it with 15
 #   scripts/fuzz.sh 300 frame      # one target
 #
 # Toolchain: cargo-fuzz passes nightly-only flags to rustc (-Z sanitizer, the sancov passes).
