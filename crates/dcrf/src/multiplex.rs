@@ -128,6 +128,15 @@ impl Demultiplexer {
             Err(refused) => return refused,
         };
         let (link, queues) = self.app.link(None, guard);
+        let session = self.open(scope, link).await;
+        if session.streams.is_empty() {
+            return (StatusCode::FORBIDDEN, "connection refused").into_response();
+        }
+        self.app.accept(ws, session, queues)
+    }
+
+    /// Opens every stream that accepts the connection.
+    async fn open(&self, scope: Scope, link: Link) -> MuxSession {
         let mut streams = HashMap::new();
         let mut by_member = HashMap::new();
         for (name, open) in &self.streams {
@@ -140,16 +149,70 @@ impl Demultiplexer {
                 streams.insert(name.clone(), session);
             }
         }
-        if streams.is_empty() {
-            return (StatusCode::FORBIDDEN, "connection refused").into_response();
-        }
-        let session = MuxSession {
+        MuxSession {
             streams,
             by_member,
             out: link.out,
             guard: link.guard,
+        }
+    }
+
+    /// A multiplexed connection without a socket (anonymous scope), for the fuzz targets and
+    /// their corpus test; not API.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub async fn local(&self) -> LocalDemux {
+        let (out, rx) = Outbox::new(1024, usize::MAX);
+        let (inbox, events) = tokio::sync::mpsc::channel(1024);
+        let link = Link {
+            out,
+            inbox,
+            lag: Arc::new(crate::channel::Lag::new(
+                std::time::Duration::from_secs(5),
+                usize::MAX,
+            )),
+            kick: tokio_util::sync::CancellationToken::new(),
+            stream: None,
+            guard: self.app.guard(None),
         };
-        self.app.accept(ws, session, queues)
+        LocalDemux {
+            session: self.open(Scope::default(), link).await,
+            rx,
+            _events: events,
+        }
+    }
+}
+
+/// A multiplexed connection driven without a socket ([`Demultiplexer::local`]): text frames
+/// in, text frames out, through the socket's own demultiplexing. Not API.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub struct LocalDemux {
+    session: MuxSession,
+    rx: tokio::sync::mpsc::Receiver<crate::consumer::Outbound>,
+    _events: tokio::sync::mpsc::Receiver<crate::channel::Delivery>,
+}
+
+#[cfg(feature = "testing")]
+impl std::fmt::Debug for LocalDemux {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDemux").finish_non_exhaustive()
+    }
+}
+
+#[cfg(feature = "testing")]
+impl LocalDemux {
+    /// Handles one inbound text frame to completion.
+    pub async fn send(&mut self, text: &str) {
+        self.session.on_text(text).await;
+    }
+
+    /// The next outbound text frame, if one is queued.
+    pub fn receive(&mut self) -> Option<String> {
+        match self.rx.try_recv().ok()? {
+            crate::consumer::Outbound::Text(t, _) => Some(t.to_string()),
+            crate::consumer::Outbound::Close(_) => None,
+        }
     }
 }
 
