@@ -359,7 +359,7 @@ impl Ctx {
         Member {
             id: self.inner.id,
             inbox: self.inner.inbox.clone(),
-            lag: self.inner.lag.clone(),
+            lag: self.lag().clone(),
             kick: self.inner.kick.clone(),
         }
     }
