@@ -36,8 +36,12 @@
 //! it finishes.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use ::metrics::{Counter, Histogram};
 
 /// Gauge: WebSockets open now.
 pub const CONNECTIONS: &str = "dcrf_connections";
@@ -95,6 +99,69 @@ pub(crate) struct OpenConnection(());
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         ::metrics::gauge!(CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// One socket's metric handles (shared by every stream of a multiplexed socket), registered
+/// when the socket opens: the per-frame updates are one atomic add each, with no lookup in the
+/// recorder's registry.
+pub(crate) struct SocketMetrics {
+    /// [`MESSAGES_RECEIVED_TOTAL`].
+    pub(crate) received: Counter,
+    /// [`MESSAGES_SENT_TOTAL`].
+    pub(crate) sent: Counter,
+    /// [`PUSHES_TOTAL`].
+    pub(crate) pushes: Counter,
+    /// The action series this socket used, by action label.
+    actions: Mutex<HashMap<Box<str>, ActionSeries>>,
+}
+
+/// The series of one action label: its histogram, and its counter per status.
+struct ActionSeries {
+    duration: Histogram,
+    by_status: Vec<(u16, Counter)>,
+}
+
+impl std::fmt::Debug for SocketMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketMetrics").finish_non_exhaustive()
+    }
+}
+
+impl SocketMetrics {
+    /// Registers the socket's handles with the recorder installed now.
+    pub(crate) fn new() -> Self {
+        SocketMetrics {
+            received: ::metrics::counter!(MESSAGES_RECEIVED_TOTAL),
+            sent: ::metrics::counter!(MESSAGES_SENT_TOTAL),
+            pushes: ::metrics::counter!(PUSHES_TOTAL),
+            actions: Mutex::default(),
+        }
+    }
+
+    /// Counts and times one action under `action` with `status` (0: no reply).
+    fn action(&self, action: &str, status: u16, elapsed: Duration) {
+        let mut actions = crate::sync::lock(&self.actions);
+        let series = match actions.get_mut(action) {
+            Some(series) => series,
+            None => actions.entry(action.into()).or_insert_with(|| ActionSeries {
+                duration: ::metrics::histogram!(ACTION_DURATION_SECONDS, "action" => label(action)),
+                by_status: Vec::new(),
+            }),
+        };
+        series.duration.record(elapsed.as_secs_f64());
+        match series.by_status.iter().find(|(s, _)| *s == status) {
+            Some((_, counter)) => counter.increment(1),
+            None => {
+                let counter = ::metrics::counter!(
+                    ACTIONS_TOTAL,
+                    "action" => label(action),
+                    "status" => status_label(status)
+                );
+                counter.increment(1);
+                series.by_status.push((status, counter));
+            }
+        }
     }
 }
 
@@ -156,18 +223,14 @@ pub(crate) async fn observe<F: Future>(fut: F) -> (F::Output, Outcome) {
 impl Outcome {
     /// Counts and times the action under `action` (unless it went detached), and records the
     /// status in the current span.
-    pub(crate) fn record(&self, action: &str, span: &tracing::Span) {
+    pub(crate) fn record(&self, socket: &SocketMetrics, action: &str, span: &tracing::Span) {
         if self.detached {
             return;
         }
         if self.status != 0 {
             span.record("status", self.status);
         }
-        let action = label(action);
-        ::metrics::counter!(ACTIONS_TOTAL, "action" => action.clone(), "status" => status_label(self.status))
-            .increment(1);
-        ::metrics::histogram!(ACTION_DURATION_SECONDS, "action" => action)
-            .record(self.elapsed.as_secs_f64());
+        socket.action(action, self.status, self.elapsed);
     }
 }
 

@@ -790,7 +790,8 @@ async fn run_connection<S: Session>(
     let _open = crate::metrics::connection_opened();
     let (sink, mut stream) = socket.split();
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
-    let mut writer = tokio::spawn(write_loop(sink, rx, close_rx, guard.ping_interval()));
+    let sent = guard.metrics().sent.clone();
+    let mut writer = tokio::spawn(write_loop(sink, rx, close_rx, guard.ping_interval(), sent));
     // Keepalive and credential expiry: one timer each for the whole connection.
     let ended = guard.ended();
     tokio::pin!(ended);
@@ -812,7 +813,7 @@ async fn run_connection<S: Session>(
         if let Work::Frame(message) = &work {
             guard.seen();
             if let Some(Ok(Message::Text(_) | Message::Binary(_))) = message {
-                crate::metrics::count(crate::metrics::MESSAGES_RECEIVED_TOTAL);
+                guard.metrics().received.increment(1);
             }
         }
         let step = async {
@@ -896,6 +897,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Outbound>,
     close: tokio::sync::oneshot::Receiver<CloseFrame>,
     ping_interval: Option<Duration>,
+    sent: ::metrics::Counter,
 ) {
     let mut pings = crate::guard::Pings::new(ping_interval);
     loop {
@@ -918,7 +920,7 @@ async fn write_loop(
                     if sink.feed(Message::Text(text)).await.is_err() {
                         return;
                     }
-                    crate::metrics::count(crate::metrics::MESSAGES_SENT_TOTAL);
+                    sent.increment(1);
                     written.push(bytes);
                 }
                 Outbound::Close(frame) => return send_close(&mut sink, frame).await,
@@ -1134,7 +1136,7 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
         Ran::Unknown => crate::metrics::UNKNOWN_ACTION,
         Ran::Denied => crate::metrics::DENIED_ACTION,
     };
-    outcome.record(label, &span);
+    outcome.record(ctx.guard().metrics(), label, &span);
 }
 
 /// What became of a frame's action, for its metrics label.

@@ -499,7 +499,7 @@ impl Ctx {
         text.push('}');
         // In an event handler: the event's position.
         self.send_text(decorate(text, None)).await?;
-        crate::metrics::count(crate::metrics::PUSHES_TOTAL);
+        self.inner.guard.metrics().pushes.increment(1);
         Ok(())
     }
 
@@ -689,7 +689,7 @@ impl Ctx {
             };
             let ((), outcome) =
                 crate::metrics::observe(tracing::Instrument::instrument(run, span.clone())).await;
-            outcome.record(&action, &span);
+            outcome.record(ctx.inner.guard.metrics(), &action, &span);
         });
     }
 
