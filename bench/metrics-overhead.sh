@@ -32,11 +32,11 @@ run() { # label demo-flags...
   result=$(taskset -c 1 "$BENCH" echo --url "ws://127.0.0.1:$port/ws/echo/" --duration "$DURATION" \
     --warmup 1 --server-pid "$pid" --label "$label" --json --connections 50 --window 16 \
     2>/dev/null | tail -1)
-  local counted=null
+  local counted=None
   if [ "$label" = metrics-on ]; then
     counted=$(curl -s "http://127.0.0.1:$port/metrics" |
       awk '$1 == "dcrf_messages_received_total" { print $2 }')
-    counted=${counted:-null}
+    counted=${counted:-None}
   fi
   python3 -c "import json,sys; r=json.loads(sys.argv[1]); r['metrics']='$label'; r['server_counted_received']=$counted; print(json.dumps(r))" \
     "$result" >>"$out"
