@@ -11,6 +11,8 @@
 //!   `things_with_id`, `todos`, `echo` and `api`;
 //! - `/api/todos`, `/api/todos/{id}`, `/api/whoami`: plain HTTP, also served over the socket at
 //!   `/ws/api/` (and the `api` stream);
+//! - `/metrics`: Prometheus metrics (see `docs/observability.md`), unless
+//!   [`DemoConfig::metrics`] is off;
 //! - `/`: a live todo page built on the TypeScript client (`clients/typescript`), see [`page`].
 
 use dcrf::auth::JwtAuth;
@@ -58,6 +60,8 @@ pub struct DemoConfig {
     pub max_connections_per_ip: usize,
     /// Inbound frames per second per connection, 0 for unlimited ([`Dcrf::rate_limit`]).
     pub rate_limit: u32,
+    /// Record metrics and serve them at `/metrics` ([`dcrf::metrics::install`]).
+    pub metrics: bool,
 }
 
 /// The default database: a SQLite file in the working directory.
@@ -73,6 +77,7 @@ impl Default for DemoConfig {
             max_connections: dcrf::server::DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: dcrf::server::DEFAULT_MAX_CONNECTIONS_PER_IP,
             rate_limit: 0,
+            metrics: true,
         }
     }
 }
@@ -112,5 +117,10 @@ pub async fn build(config: &DemoConfig) -> Result<(axum::Router, Dcrf), dcrf::Er
         .route("/ws/api/", app.consumer(move || api.clone()))
         .merge(api::router(db))
         .merge(page::router());
+    let router = if config.metrics {
+        router.merge(dcrf::metrics::router(dcrf::metrics::install()?))
+    } else {
+        router
+    };
     Ok((router, app))
 }

@@ -40,6 +40,9 @@ struct Args {
     /// limit is answered 429 "Request was throttled. Expected available in N seconds.".
     #[arg(long, env = "DCRF_DEMO_RATE_LIMIT", default_value_t = 0)]
     rate_limit: u32,
+    /// Do not record metrics nor serve `/metrics` (for measuring their overhead).
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 #[tokio::main]
@@ -72,6 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         max_connections: args.max_connections,
         max_connections_per_ip: args.max_connections_per_ip,
         rate_limit: args.rate_limit,
+        metrics: !args.no_metrics,
     };
     let (router, app) = dcrf_demo::build(&config).await?;
     let shutdown = shutdown_signal();

@@ -55,6 +55,8 @@ pub(crate) struct Guard {
     throttle: Option<governor::DefaultDirectRateLimiter>,
     /// The subscription cap, shared by every stream of the socket.
     subscriptions: Arc<SubscriptionBudget>,
+    /// The socket's metric handles.
+    metrics: crate::metrics::SocketMetrics,
 }
 
 impl std::fmt::Debug for Guard {
@@ -84,7 +86,13 @@ impl Guard {
                 .rate
                 .map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n))),
             subscriptions: Arc::new(SubscriptionBudget::new(limits.max_subscriptions)),
+            metrics: crate::metrics::SocketMetrics::new(),
         }
+    }
+
+    /// The socket's metric handles.
+    pub(crate) fn metrics(&self) -> &crate::metrics::SocketMetrics {
+        &self.metrics
     }
 
     /// The answer to a frame over the socket's rate limit, if it is (DRF's throttling: 429,

@@ -81,6 +81,7 @@ pub mod error;
 pub mod extract;
 mod guard;
 mod listener;
+pub mod metrics;
 #[cfg(feature = "model")]
 #[cfg_attr(docsrs, doc(cfg(feature = "model")))]
 pub mod model;

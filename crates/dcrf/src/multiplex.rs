@@ -254,6 +254,9 @@ async fn send_error(
 }
 
 impl Session for MuxSession {
+    fn connection_id(&self) -> u64 {
+        self.by_member.keys().copied().min().unwrap_or_default()
+    }
     fn on_text<'a>(&'a mut self, text: &'a str) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let envelope: Envelope<'_> = match serde_json::from_str(text) {

@@ -554,13 +554,12 @@ impl Dcrf {
             .max_message_size(self.max_message_size)
             .max_frame_size(self.max_message_size)
             .on_upgrade(move |socket| {
-                tracker.track_future(run_connection(
-                    socket,
-                    session,
-                    queues,
-                    shutdown,
-                    slow_closes,
-                ))
+                use tracing::Instrument;
+                let span =
+                    tracing::info_span!("connection", connection_id = session.connection_id());
+                tracker.track_future(
+                    run_connection(socket, session, queues, shutdown, slow_closes).instrument(span),
+                )
             })
     }
 
@@ -660,6 +659,8 @@ pub(crate) struct Queues {
 
 /// What runs on one socket: a consumer, or a demultiplexer of several.
 pub(crate) trait Session: Send + 'static {
+    /// The connection id of the socket's logs and span (its first consumer's).
+    fn connection_id(&self) -> u64;
     /// Handles one inbound text frame to completion.
     fn on_text<'a>(&'a mut self, text: &'a str) -> BoxFuture<'a, ()>;
     /// Answers a binary frame.
@@ -745,6 +746,9 @@ impl<C: Consumer> DynStream for StreamSession<C> {
 struct SingleSession<C>(StreamSession<C>);
 
 impl<C: Consumer> Session for SingleSession<C> {
+    fn connection_id(&self) -> u64 {
+        self.0.ctx.connection_id()
+    }
     fn on_text<'a>(&'a mut self, text: &'a str) -> BoxFuture<'a, ()> {
         DynStream::on_text(&mut self.0, text)
     }
@@ -783,9 +787,11 @@ async fn run_connection<S: Session>(
         kick: kicked,
         guard,
     } = queues;
+    let _open = crate::metrics::connection_opened();
     let (sink, mut stream) = socket.split();
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
-    let mut writer = tokio::spawn(write_loop(sink, rx, close_rx, guard.ping_interval()));
+    let sent = guard.metrics().sent.clone();
+    let mut writer = tokio::spawn(write_loop(sink, rx, close_rx, guard.ping_interval(), sent));
     // Keepalive and credential expiry: one timer each for the whole connection.
     let ended = guard.ended();
     tokio::pin!(ended);
@@ -804,8 +810,11 @@ async fn run_connection<S: Session>(
             _ = lag.due() => Work::CatchUp,
             message = stream.next() => Work::Frame(message),
         };
-        if let Work::Frame(_) = &work {
+        if let Work::Frame(message) = &work {
             guard.seen();
+            if let Some(Ok(Message::Text(_) | Message::Binary(_))) = message {
+                guard.metrics().received.increment(1);
+            }
         }
         let step = async {
             match work {
@@ -837,6 +846,7 @@ async fn run_connection<S: Session>(
     let (code, reason) = close.unwrap_or((1000, ""));
     if code == 1013 {
         slow_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::count(crate::metrics::SLOW_CLIENT_CLOSES_TOTAL);
     }
     let _ = close_tx.send(CloseFrame {
         code,
@@ -887,6 +897,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Outbound>,
     close: tokio::sync::oneshot::Receiver<CloseFrame>,
     ping_interval: Option<Duration>,
+    sent: ::metrics::Counter,
 ) {
     let mut pings = crate::guard::Pings::new(ping_interval);
     loop {
@@ -909,6 +920,7 @@ async fn write_loop(
                     if sink.feed(Message::Text(text)).await.is_err() {
                         return;
                     }
+                    sent.increment(1);
                     written.push(bytes);
                 }
                 Outbound::Close(frame) => return send_close(&mut sink, frame).await,
@@ -1070,7 +1082,6 @@ async fn send_replays<C: Consumer>(consumer: &mut C, ctx: &Ctx, replays: Vec<Rep
 
 /// Parses one text frame and runs it: the whole DCRF dispatch order.
 pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: &str) {
-    let permissions = ctx.permissions();
     let mut frame = match Frame::parse(text) {
         Ok(frame) => frame,
         Err(e) => {
@@ -1083,6 +1094,7 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
         return;
     }
     if let Some(err) = ctx.guard().check_rate() {
+        crate::metrics::count(crate::metrics::THROTTLED_TOTAL);
         let _ = ctx
             .send_error(&err, frame.action_str(), frame.request_id())
             .await;
@@ -1110,25 +1122,63 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
             }
         },
     };
-    if action == crate::guard::REFRESH_ACTION && refresh_token(ctx, &frame).await {
-        return;
+    let span = tracing::debug_span!(
+        "action",
+        action,
+        request_id = request_id.map(|r| r.get()),
+        status = tracing::field::Empty,
+    );
+    let run = run_action(consumer, ctx, &mut frame, action);
+    let (ran, outcome) =
+        crate::metrics::observe(tracing::Instrument::instrument(run, span.clone())).await;
+    let label = match ran {
+        Ran::Known => action,
+        Ran::Unknown => crate::metrics::UNKNOWN_ACTION,
+        Ran::Denied => crate::metrics::DENIED_ACTION,
+    };
+    outcome.record(ctx.guard().metrics(), label, &span);
+}
+
+/// What became of a frame's action, for its metrics label.
+enum Ran {
+    /// The consumer (or the framework, for `refresh_token`) ran it.
+    Known,
+    /// The consumer has no such action: answered 405.
+    Unknown,
+    /// The permissions refused it: answered 403.
+    Denied,
+}
+
+/// Runs a frame's action: the built-in `refresh_token`, or the permission check and the
+/// consumer's dispatch, then the history its subscribes recovered.
+async fn run_action<C: Consumer>(
+    consumer: &mut C,
+    ctx: &Ctx,
+    frame: &mut Frame<'_>,
+    action: &str,
+) -> Ran {
+    let request_id = frame.request_id();
+    if action == crate::guard::REFRESH_ACTION && refresh_token(ctx, frame).await {
+        return Ran::Known;
     }
     frame.set_reads(consumer.reads(action));
-    if !permissions
-        .has_permission(ctx.scope(), action, &frame)
+    if !ctx
+        .permissions()
+        .has_permission(ctx.scope(), action, frame)
         .await
     {
         let _ = ctx
             .send_error(&ApiError::permission_denied(), Some(action), request_id)
             .await;
-        return;
+        return Ran::Denied;
     }
+    let frame: &Frame<'_> = frame;
     let (dispatched, replays) =
-        crate::consumer::with_frame(&frame, catch_panic(consumer.dispatch(ctx, action, &frame)))
+        crate::consumer::with_frame(frame, catch_panic(consumer.dispatch(ctx, action, frame)))
             .await;
     send_replays(consumer, ctx, replays).await;
     match dispatched {
-        Ok(Dispatched::Handled) => {}
+        Ok(Dispatched::Handled) => Ran::Known,
         Ok(Dispatched::Unknown) => {
             let _ = ctx
                 .send_error(
@@ -1137,9 +1187,11 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
                     request_id,
                 )
                 .await;
+            Ran::Unknown
         }
         Err(err) => {
             let _ = ctx.send_error(&err, Some(action), request_id).await;
+            Ran::Known
         }
     }
 }

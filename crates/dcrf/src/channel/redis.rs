@@ -551,6 +551,8 @@ async fn subscriber_loop(
     let mut backoff = Duration::from_millis(100);
     // Subscribers waiting for a (re)connection: they are listening once every local group is.
     let mut waiting: Vec<oneshot::Sender<()>> = Vec::new();
+    // Set once connected: every later connection is a reconnection.
+    let mut connected_before = false;
     loop {
         let Some(local) = hub.upgrade() else { return };
         let pubsub = match client.get_async_pubsub().await {
@@ -581,6 +583,10 @@ async fn subscriber_loop(
         }
         backoff = Duration::from_millis(100);
         tracing::info!(groups = groups.len(), "redis pub/sub connected");
+        if connected_before {
+            crate::metrics::count(crate::metrics::LAYER_RECONNECTS_TOTAL);
+        }
+        connected_before = true;
         // Messages published while this node was not listening were missed: every local
         // connection checks its subscriptions against their streams.
         if let Some(local) = hub.upgrade() {

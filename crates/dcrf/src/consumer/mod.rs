@@ -460,6 +460,7 @@ impl Ctx {
         data: &T,
         status: StatusCode,
     ) -> Result<(), Closed> {
+        crate::metrics::note_status(status.as_u16());
         let text = decorate(
             self.encode_reply(action, request_id, data, status),
             Some(request_id),
@@ -497,7 +498,9 @@ impl Ctx {
         text.push_str(rid);
         text.push('}');
         // In an event handler: the event's position.
-        self.send_text(decorate(text, None)).await
+        self.send_text(decorate(text, None)).await?;
+        self.inner.guard.metrics().pushes.increment(1);
+        Ok(())
     }
 
     /// Encodes a reply envelope; a serialization failure becomes a logged 500 envelope, a reply
@@ -560,6 +563,7 @@ impl Ctx {
         action: Option<&str>,
         request_id: Option<&RawValue>,
     ) -> Result<(), Closed> {
+        crate::metrics::note_status(err.status().as_u16());
         let text = decorate(self.encode_error(err, action, request_id), None);
         self.send_text(text).await
     }
@@ -571,13 +575,22 @@ impl Ctx {
         request_id: Option<&RawValue>,
         result: R,
     ) {
-        let text = match result.into_action_result() {
-            Ok(Some(reply)) => decorate(
-                self.encode_reply(action, request_id, &reply.data, reply.status),
-                Some(request_id),
-            ),
-            Ok(None) => return,
-            Err(err) => decorate(self.encode_error(&err, Some(action), request_id), None),
+        // A block: the result (maybe not `Send`) is gone before the await.
+        let text = {
+            let result = result.into_action_result();
+            crate::metrics::note_status(match &result {
+                Ok(Some(reply)) => reply.status.as_u16(),
+                Ok(None) => 0,
+                Err(err) => err.status().as_u16(),
+            });
+            match result {
+                Ok(Some(reply)) => decorate(
+                    self.encode_reply(action, request_id, &reply.data, reply.status),
+                    Some(request_id),
+                ),
+                Ok(None) => return,
+                Err(err) => decorate(self.encode_error(&err, Some(action), request_id), None),
+            }
         };
         let _ = self.send_text(text).await;
     }
@@ -613,6 +626,7 @@ impl Ctx {
         match self.inner.guard.try_detach() {
             Some(slot) => self.run_detached(slot, action, request_id, fut),
             None => {
+                crate::metrics::note_status(StatusCode::SERVICE_UNAVAILABLE.as_u16());
                 let ctx = self.clone();
                 let action = action.to_owned();
                 let request_id: Option<Box<RawValue>> = request_id.map(|r| r.to_owned());
@@ -648,21 +662,34 @@ impl Ctx {
         F: Future + Send + 'static,
         F::Output: IntoActionResult + Send,
     {
+        crate::metrics::note_detached();
         let ctx = self.clone();
         let action = action.to_owned();
         let request_id: Option<Box<RawValue>> = request_id.map(|r| r.to_owned());
+        let span = tracing::debug_span!(
+            "action",
+            action,
+            request_id = request_id.as_deref().map(|r| r.get()),
+            detached = true,
+            status = tracing::field::Empty,
+        );
         self.spawn(async move {
             // Given back when the action ends or is cancelled.
             let _slot = slot;
-            let result = catch_panic(fut).await;
-            match result {
-                Ok(r) => ctx.finish(&action, request_id.as_deref(), r).await,
-                Err(err) => {
-                    let _ = ctx
-                        .send_error(&err, Some(&action), request_id.as_deref())
-                        .await;
+            let run = async {
+                let result = catch_panic(fut).await;
+                match result {
+                    Ok(r) => ctx.finish(&action, request_id.as_deref(), r).await,
+                    Err(err) => {
+                        let _ = ctx
+                            .send_error(&err, Some(&action), request_id.as_deref())
+                            .await;
+                    }
                 }
-            }
+            };
+            let ((), outcome) =
+                crate::metrics::observe(tracing::Instrument::instrument(run, span.clone())).await;
+            outcome.record(ctx.inner.guard.metrics(), &action, &span);
         });
     }
 
