@@ -443,10 +443,63 @@ fn raw_retrieve_replies_like_the_demo() {
     let dir = TempDir::new("raw-retrieve");
     let file = dir.0.join("todos.sqlite3");
     let file = file.to_str().expect("UTF-8 path");
+    raw_retrieve_like_demo(
+        &format!("sqlite://{file}?mode=rwc"),
+        &format!("sqlite://{file}"),
+    );
+}
+
+/// The same on a fresh schema of the PostgreSQL database of `DATABASE_URL`.
+#[test]
+fn raw_retrieve_replies_like_the_demo_on_postgres() {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "DATABASE_URL is not set: this test needs PostgreSQL; run it through \
+             scripts/test.sh, which filters it out when PostgreSQL is unavailable"
+        )
+    });
+    let schema = format!("dcrf_bench_raw_{}", std::process::id());
+    let admin = |sql: String| {
+        let url = url.clone();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let pool = sqlx::PgPool::connect(&url)
+                    .await
+                    .expect("connect to DATABASE_URL");
+                // Our own schema name, no input.
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                    .execute(&pool)
+                    .await
+                    .expect(&sql);
+                pool.close().await;
+            });
+    };
+    admin(format!(
+        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE; CREATE SCHEMA \"{schema}\""
+    ));
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let in_schema = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+    raw_retrieve_like_demo(&in_schema, &in_schema);
+    admin(format!("DROP SCHEMA \"{schema}\" CASCADE"));
+}
+
+/// Starts the demo on `demo_db` (seeded with 25 todos, one patched to need escaping) and
+/// raw-retrieve on `raw_db` (the same data), and checks that both answer the same retrieve
+/// frames with the same bytes; then runs the `retrieve` scenario against raw-retrieve.
+fn raw_retrieve_like_demo(demo_db: &str, raw_db: &str) {
     let mut cmd = Command::new(demo_binary());
-    cmd.args(["--bind", "127.0.0.1:0", "--seed", "25", "--database"])
-        .arg(format!("sqlite://{file}?mode=rwc"))
-        .env("RUST_LOG", "warn");
+    cmd.args([
+        "--bind",
+        "127.0.0.1:0",
+        "--seed",
+        "25",
+        "--database",
+        demo_db,
+    ])
+    .env("RUST_LOG", "warn");
     let demo = Server::start(cmd).unwrap_or_else(|e| panic!("{e}"));
     // A title and an owner that need escaping, written through the demo.
     let patched = replies(
@@ -461,7 +514,7 @@ fn raw_retrieve_replies_like_the_demo() {
     );
     let mut cmd = Command::new(BENCH);
     cmd.args(["raw-retrieve", "--bind", "127.0.0.1:0", "--threads", "2"])
-        .args(["--database", &format!("sqlite://{file}")]);
+        .args(["--database", raw_db]);
     let raw = Server::start(cmd).unwrap_or_else(|e| panic!("{e}"));
 
     let frames = [
