@@ -25,12 +25,17 @@ INTRO = """# Benchmarks
 
 Side-by-side measurements of `dcrf-demo` (this project), the same surface written with the
 Python incumbent (Django Channels REST Framework 1.3 under uvicorn, `bench/python/`), and a
-bare WebSocket echo server (`dcrf-bench raw-echo`) as the ceiling. The load generator is
+hand-written ceilings: a bare WebSocket echo server (`dcrf-bench raw-echo`), a bare retrieve
+server on the same data (`dcrf-bench raw-retrieve`) and a bare fan-out server
+(`dcrf-bench raw-fanout`). The load generator is
 `crates/dcrf-bench`; `bench/run.sh` runs everything and regenerates the section below.
 """
 
-SERVERS = ["raw", "dcrf", "python"]
-SERVER_NAMES = {"raw": "raw echo", "dcrf": "dcrf-demo", "python": "Python DCRF"}
+SERVERS = ["raw", "raw-retrieve", "raw-fanout", "dcrf", "python"]
+SERVER_NAMES = {"raw": "raw echo", "raw-retrieve": "raw retrieve", "raw-fanout": "raw fan-out",
+                "dcrf": "dcrf-demo", "python": "Python DCRF"}
+# The ceiling of each scenario: the hand-written server it is compared with.
+RAW_FOR = {"echo": "raw", "retrieve": "raw-retrieve"}
 REQUEST_SCENARIOS = ["echo", "retrieve", "list", "create", "patch"]
 PERCENTILES = ["p50_us", "p90_us", "p99_us", "p999_us", "max_us"]
 # dcrf-bench before `censored` existed clamped every latency at 60 s without saying so.
@@ -39,6 +44,9 @@ UNKNOWN = "?"
 
 # The project's targets: (key, text, threshold). Their status is computed from the results.
 TARGET_ECHO_RAW = 0.8
+TARGET_RETRIEVE_RAW = 0.7
+TARGET_FANOUT_RAW = 0.8
+TARGET_FANOUT_RAW_SUBSCRIBERS = (1_000, 10_000)
 TARGET_ECHO_PY = 50.0
 TARGET_RETRIEVE_PY = 50.0
 TARGET_FANOUT_PY = 100.0
@@ -302,6 +310,15 @@ def targets(groups, db_unequal=False):
                               "msg/s)",
         status(None if r is None else r >= TARGET_ECHO_RAW, clean(d, raw), legacy(d, raw)),
     ])
+    g = groups.get("retrieve") or {}
+    d, raw = g.get("dcrf"), g.get("raw-retrieve")
+    r = ratio_value(get(d, "msgs_per_s"), get(raw, "msgs_per_s"))
+    rows.append([
+        f"retrieve ≥ {TARGET_RETRIEVE_RAW}× raw-retrieve (the same query, hand-written)",
+        "–" if r is None else f"{r:.2f}× ({cell(d, 'msgs_per_s')} vs {cell(raw, 'msgs_per_s')} "
+                              "msg/s)",
+        status(None if r is None else r >= TARGET_RETRIEVE_RAW, clean(d, raw), legacy(d, raw)),
+    ])
     for tag, goal in (("echo", TARGET_ECHO_PY), ("retrieve", TARGET_RETRIEVE_PY)):
         g = groups.get(tag) or {}
         d, py = g.get("dcrf"), g.get("python")
@@ -327,6 +344,17 @@ def targets(groups, db_unequal=False):
         rows.append([
             f"fan-out deliveries/s ≥ {TARGET_FANOUT_PY:.0f}× Python DCRF ({how}, {n:,} "
             "subscribers)", measured, status(met, clean(d, py), legacy(d, py), db=True),
+        ])
+    for (how, n), g in fan:
+        if n not in TARGET_FANOUT_RAW_SUBSCRIBERS:
+            continue
+        d, raw = g.get("dcrf"), g.get("raw-fanout")
+        r = ratio_value(get(d, "deliveries_per_s"), get(raw, "deliveries_per_s"))
+        rows.append([
+            f"fan-out deliveries/s ≥ {TARGET_FANOUT_RAW}× raw-fanout ({how}, {n:,} subscribers)",
+            "–" if r is None else f"{r:.2f}× ({cell(d, 'deliveries_per_s')} vs "
+                                  f"{cell(raw, 'deliveries_per_s')} deliveries/s)",
+            status(None if r is None else r >= TARGET_FANOUT_RAW, clean(d, raw), legacy(d, raw)),
         ])
     for (how, n), g in fan:
         if n != TARGET_FANOUT_P99_SUBSCRIBERS:
@@ -451,7 +479,7 @@ def render(groups, meta, chart_rel):
         g = groups.get(s)
         if not g:
             continue
-        raw, dcrf, py = g.get("raw"), g.get("dcrf"), g.get("python")
+        raw, dcrf, py = g.get(RAW_FOR.get(s, "raw")), g.get("dcrf"), g.get("python")
         any_row = next((r for r in (dcrf, py, raw) if ok(r)), None) or {}
         shape = f"{any_row.get('connections', '?')} × {any_row.get('window', '?')}"
         rows.append([
@@ -465,11 +493,13 @@ def render(groups, meta, chart_rel):
         parts.append("### Requests and replies (messages per second, higher is better)")
         parts.append(
             "Closed loop: every connection keeps `window` requests in flight and sends the "
-            "next one when a reply arrives. `dcrf/raw` is the share of the bare echo ceiling "
-            "dcrf-demo reaches."
+            "next one when a reply arrives. `raw` is the hand-written ceiling of the scenario "
+            "(`echo`: `dcrf-bench raw-echo`; `retrieve`: `dcrf-bench raw-retrieve`, the same "
+            "point query on the same database with the demo's reply bytes), and `dcrf/raw` the "
+            "share of it dcrf-demo reaches."
         )
         parts.append(table(
-            ["scenario", "connections × window", "raw echo", "dcrf-demo", "Python DCRF",
+            ["scenario", "connections × window", "raw", "dcrf-demo", "Python DCRF",
              "dcrf/python", "dcrf/raw"], rows))
 
         lat_rows = []
@@ -495,8 +525,8 @@ def render(groups, meta, chart_rel):
     if fan:
         rows = []
         for (how, n), g in fan:
-            dcrf, py = g.get("dcrf"), g.get("python")
-            for srv, r in (("dcrf", dcrf), ("python", py)):
+            dcrf, py, raw = g.get("dcrf"), g.get("python"), g.get("raw-fanout")
+            for srv, r in (("raw-fanout", raw), ("dcrf", dcrf), ("python", py)):
                 if r is None:
                     continue
                 delivered = (
@@ -510,6 +540,8 @@ def render(groups, meta, chart_rel):
                     cell(r, "censored"), cell(r, "errors"),
                     ratio(get(dcrf, "deliveries_per_s"), get(py, "deliveries_per_s"))
                     if srv == "dcrf" else "",
+                    ratio(get(dcrf, "deliveries_per_s"), get(raw, "deliveries_per_s"))
+                    if srv == "dcrf" and raw else "",
                 ])
         parts.append("### Fan-out: one writer, N subscribers")
         parts.append(
@@ -520,12 +552,15 @@ def render(groups, meta, chart_rel):
             "(write, subscriber) pairs for successful writes made in the measured window "
             "against writes × subscribers; `lost` is the difference (each lost pair is a "
             "censored latency sample); `dup` counts pushes a subscriber received again for a "
-            "write it already had (older result files counted those as deliveries)."
+            "write it already had (older result files counted those as deliveries). "
+            "`raw fan-out` is `dcrf-bench raw-fanout`, the ceiling: no database, one push "
+            "encoded per write and written to every subscribed socket; `dcrf/raw` is the share "
+            "of its deliveries/s dcrf-demo reaches."
         )
         parts.append(table(
             ["subscribers", "subscribe", "server", "writes/s", "deliveries/s", "p50 µs",
              "p99 µs", "delivered", "lost", "dup", "unmatched", "censored", "errors",
-             "dcrf/python"], rows))
+             "dcrf/python", "dcrf/raw"], rows))
 
     # Idle.
     g = groups.get("idle")
@@ -596,6 +631,9 @@ def render(groups, meta, chart_rel):
     parts.append(
         f"`bench/run.sh` (mode {mode}). Each server was started for each run pinned to its CPU "
         f"(`taskset -c {cpu} {bin_dir}/dcrf-bench raw-echo --bind ...`, `taskset -c {cpu} "
+        f"{bin_dir}/dcrf-bench raw-retrieve --bind ... --database URL` on a database the demo "
+        f"had just seeded, `taskset -c {cpu} {bin_dir}/dcrf-bench raw-fanout --bind ...`, "
+        f"`taskset -c {cpu} "
         f"{bin_dir}/dcrf-demo --bind ... --database {meta.get('demo_database', '...')} --seed N`, "
         f"`{py_env}taskset -c {cpu} bench/python/run.sh --bind ... --seed N`), on a fresh "
         "database each time where the run recorded one, then the load generator ran:"
@@ -623,7 +661,8 @@ def chart(groups, out: Path):
     except ImportError:
         print("matplotlib is not installed: no chart", file=sys.stderr)
         return False
-    colors = {"raw": "#9e9e9e", "dcrf": "#d2691e", "python": "#3572a5"}
+    colors = {"raw": "#9e9e9e", "raw-retrieve": "#9e9e9e", "raw-fanout": "#9e9e9e",
+              "dcrf": "#d2691e", "python": "#3572a5"}
     panels = []
     req = [s for s in REQUEST_SCENARIOS if s in groups]
     if req:

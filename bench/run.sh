@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Side-by-side benchmarks: the raw WebSocket echo ceiling, dcrf-demo, and the Python DCRF 1.3
-# baseline, each server pinned to one CPU and the load generator to another, with the same
+# Side-by-side benchmarks: the hand-written ceilings (raw-echo, raw-retrieve, raw-fanout),
+# dcrf-demo, and the Python DCRF 1.3 baseline, each server pinned to one CPU and the load generator to another, with the same
 # flags for every server. Results go to bench/results/*.jsonl; bench/report.py then writes
 # the tables into BENCHMARKS.md and draws bench/results/chart.png.
 #
@@ -13,7 +13,10 @@
 # report then says so), so that every figure belongs to the commit the report names.
 #
 # Scenarios (SCENARIOS, space-separated): echo retrieve list create patch fanout idle.
-# Servers (SERVERS): raw dcrf python (raw only runs echo and idle).
+# Servers (SERVERS): raw dcrf python. raw is the hand-written ceiling of each scenario:
+# dcrf-bench raw-echo for echo and idle, raw-retrieve for retrieve (on a database dcrf-demo has
+# just created and seeded, then stopped), raw-fanout for fanout; list, create and patch have
+# none.
 #
 # Environment (defaults in brackets):
 #   DURATION [10; 2 with QUICK=1]  measured seconds per run
@@ -30,7 +33,8 @@
 #   IDLE_CONNECTIONS [10000]
 #   IDLE_TIMEOUT [60]              seconds one handshake may take while 10,000 connect
 #   SERVER_CPU [0], CLIENT_CPU [1] CPUs for taskset
-#   PORT [18400]                   raw uses PORT, dcrf PORT+1, python PORT+2
+#   PORT [18400]                   raw uses PORT, dcrf PORT+1, python PORT+2, raw-retrieve
+#                                  PORT+3, raw-fanout PORT+4
 #   BENCH_DATABASE [sqlite]        the database of both dcrf-demo and Python, created fresh for
 #                                  every server start:
 #                                    sqlite: a SQLite file in a temporary directory (WAL, see
@@ -244,6 +248,27 @@ start_server() {
       port=$PORT
       taskset -c "$SERVER_CPU" "$BENCH" raw-echo --bind "127.0.0.1:$port" >"$logfile" 2>&1 &
       ;;
+    raw-retrieve)
+      port=$((PORT + 3))
+      # The same data as dcrf-demo's runs: the demo creates and seeds a fresh database, stops,
+      # and raw-retrieve serves that database.
+      fresh_db dcrf
+      RUST_LOG=warn taskset -c "$SERVER_CPU" "$DEMO" --bind "127.0.0.1:$port" \
+        --database "$DEMO_DB_URL" --seed "$ROWS" >"$logfile" 2>&1 &
+      SERVER_PID=$!
+      if ! wait_port "$port"; then
+        log "error: dcrf-demo did not seed the database for raw-retrieve; see $logfile"
+        stop_server
+        return 1
+      fi
+      stop_server
+      taskset -c "$SERVER_CPU" "$BENCH" raw-retrieve --bind "127.0.0.1:$port" \
+        --database "$DEMO_DB_URL" >>"$logfile" 2>&1 &
+      ;;
+    raw-fanout)
+      port=$((PORT + 4))
+      taskset -c "$SERVER_CPU" "$BENCH" raw-fanout --bind "127.0.0.1:$port" >"$logfile" 2>&1 &
+      ;;
     dcrf)
       port=$((PORT + 1))
       fresh_db dcrf
@@ -431,7 +456,8 @@ run_group() {
   : >"$RESULTS/$tag.jsonl"
   local s
   for s in $servers; do
-    case " $SERVERS " in *" $s "*) bench_one "$tag" "$s" "$scenario" "$path" "$@" ;; esac
+    # raw-retrieve and raw-fanout are the raw server of their scenarios.
+    case " $SERVERS " in *" ${s%%-*} "*) bench_one "$tag" "$s" "$scenario" "$path" "$@" ;; esac
   done
 }
 
@@ -539,14 +565,18 @@ for scenario in $SCENARIOS; do
       run_group echo "raw dcrf python" echo /ws/echo/ \
         --connections "$CONNECTIONS" --window "$ECHO_WINDOW"
       ;;
-    retrieve|list|create|patch)
+    retrieve)
+      run_group retrieve "raw-retrieve dcrf python" retrieve /ws/todos/ \
+        --connections "$CONNECTIONS" --window "$CRUD_WINDOW" --rows "$ROWS"
+      ;;
+    list|create|patch)
       run_group "$scenario" "dcrf python" "$scenario" /ws/todos/ \
         --connections "$CONNECTIONS" --window "$CRUD_WINDOW" --rows "$ROWS"
       ;;
     fanout)
       for how in $FANOUT_SUBSCRIBE; do
         for n in $FANOUT_SUBSCRIBERS; do
-          run_group "fanout-$how-$n" "dcrf python" fanout /ws/todos/ \
+          run_group "fanout-$how-$n" "raw-fanout dcrf python" fanout /ws/todos/ \
             --connections "$n" --subscribe "$how" --pk 1 --timeout "$FANOUT_TIMEOUT"
         done
       done

@@ -32,14 +32,17 @@ use clap::{Parser, ValueEnum};
   dcrf-bench fanout --url ws://127.0.0.1:8000/ws/todos/ --connections 1000 --pk 1 --duration 10
   dcrf-bench idle --url ws://127.0.0.1:8000/ws/echo/ --connections 10000 --server-pid 1234
   dcrf-bench resume --url ws://127.0.0.1:8000/ws/todos/ --missed 1000 --rows 1000 --duration 10
-  dcrf-bench raw-echo --bind 127.0.0.1:9000")]
+  dcrf-bench raw-echo --bind 127.0.0.1:9000
+  dcrf-bench raw-retrieve --bind 127.0.0.1:9001 --database sqlite:///tmp/todos.sqlite3
+  dcrf-bench raw-fanout --bind 127.0.0.1:9002")]
 pub struct Args {
-    /// The scenario to run (or `raw-echo` to serve the baseline echo server).
+    /// The scenario to run (or `raw-echo`, `raw-retrieve`, `raw-fanout` to serve a baseline
+    /// server).
     #[arg(value_enum)]
     pub scenario: Scenario,
 
     /// Full WebSocket URL of the endpoint, e.g. `ws://127.0.0.1:8000/ws/todos/`. Required for
-    /// every scenario except `raw-echo`.
+    /// every scenario except the `raw-*` servers.
     #[arg(long, value_name = "URL")]
     pub url: Option<String>,
 
@@ -108,10 +111,16 @@ pub struct Args {
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
 
-    /// `raw-echo` only: address to listen on (port 0 picks a free port; the address is
-    /// printed as `dcrf-bench raw-echo listening on ADDR`).
+    /// `raw-echo`, `raw-retrieve`, `raw-fanout` only: address to listen on (port 0 picks a
+    /// free port; the address is printed as `dcrf-bench raw-echo listening on ADDR`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9000")]
     pub bind: String,
+
+    /// `raw-retrieve` only: the database holding the `todo` table `dcrf-demo --seed N`
+    /// created: a SQLite file (`sqlite://PATH`, `sqlite:PATH` or a path; opened read-only) or
+    /// a `postgres://` URL.
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
 
     /// Maximum number of WebSocket handshakes in progress at once while connecting.
     #[arg(long, value_name = "N", default_value_t = 256)]
@@ -154,6 +163,13 @@ pub enum Scenario {
     /// Not a load scenario: serves a bare WebSocket echo server on `--bind` (every text frame
     /// is sent back unchanged), the ceiling for `echo` and `idle`.
     RawEcho,
+    /// Not a load scenario: serves `retrieve` on `--bind` from the `todo` table in
+    /// `--database`, hand-written with the demo's reply bytes, the ceiling for `retrieve`.
+    RawRetrieve,
+    /// Not a load scenario: serves the `fanout` protocol on `--bind` (subscriptions, and a
+    /// patch pushes one pre-encoded frame to every subscriber) without a database, the
+    /// ceiling for `fanout`.
+    RawFanout,
 }
 
 impl Scenario {
@@ -169,7 +185,17 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Resume => "resume",
             Scenario::RawEcho => "raw-echo",
+            Scenario::RawRetrieve => "raw-retrieve",
+            Scenario::RawFanout => "raw-fanout",
         }
+    }
+
+    /// Whether this is one of the baseline servers rather than a load scenario.
+    pub fn is_server(self) -> bool {
+        matches!(
+            self,
+            Scenario::RawEcho | Scenario::RawRetrieve | Scenario::RawFanout
+        )
     }
 }
 
@@ -195,7 +221,10 @@ impl Subscribe {
 impl Args {
     /// Checks combinations clap cannot express; returns a message for the user.
     pub fn validate(&self) -> Result<(), String> {
-        if self.scenario == Scenario::RawEcho {
+        if self.scenario == Scenario::RawRetrieve && self.database.is_none() {
+            return Err("--database is required for `raw-retrieve`".into());
+        }
+        if self.scenario.is_server() {
             return Ok(());
         }
         if self.url.is_none() {

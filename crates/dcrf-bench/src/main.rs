@@ -4,10 +4,13 @@
 //! ```text
 //! dcrf-bench SCENARIO --url URL --connections N --duration SECONDS [--json]
 //! dcrf-bench raw-echo --bind 127.0.0.1:9000
+//! dcrf-bench raw-retrieve --bind 127.0.0.1:9001 --database sqlite:///tmp/todos.sqlite3
+//! dcrf-bench raw-fanout --bind 127.0.0.1:9002
 //! ```
 //!
 //! Scenarios: `echo`, `retrieve`, `list`, `create`, `patch` (request/reply, matched by
 //! `request_id`), `fanout` (one writer, many subscribers), `idle` (memory per connection).
+//! The `raw-*` servers are the hand-written ceilings the DCRF servers are compared with.
 //! `dcrf-bench --help` documents every flag.
 
 use std::process::ExitCode;
@@ -21,6 +24,8 @@ mod idle;
 mod load;
 mod proto;
 mod raw_echo;
+mod raw_fanout;
+mod raw_retrieve;
 mod resume;
 mod stats;
 
@@ -54,6 +59,16 @@ fn main() -> ExitCode {
                 .await
                 .map(|()| None)
                 .map_err(|e| format!("raw-echo on {}: {e}", args.bind)),
+            Scenario::RawRetrieve => {
+                raw_retrieve::serve(&args.bind, args.database.as_deref().unwrap_or_default())
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| format!("raw-retrieve: {e}"))
+            }
+            Scenario::RawFanout => raw_fanout::serve(&args.bind)
+                .await
+                .map(|()| None)
+                .map_err(|e| format!("raw-fanout on {}: {e}", args.bind)),
             Scenario::Echo
             | Scenario::Retrieve
             | Scenario::List

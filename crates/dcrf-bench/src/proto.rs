@@ -98,7 +98,12 @@ pub fn build_request(
             1 + rng.below(rows),
             rng.below(2) == 1
         ),
-        Scenario::Fanout | Scenario::Idle | Scenario::Resume | Scenario::RawEcho => Ok(()),
+        Scenario::Fanout
+        | Scenario::Idle
+        | Scenario::Resume
+        | Scenario::RawEcho
+        | Scenario::RawRetrieve
+        | Scenario::RawFanout => Ok(()),
     };
 }
 

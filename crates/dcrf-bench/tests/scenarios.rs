@@ -1,5 +1,7 @@
 //! Runs every scenario briefly against real servers on 127.0.0.1: the bench's own raw echo
-//! server, and the dcrf demo (built with `cargo build -p dcrf-demo` on first use).
+//! server, and the dcrf demo (built with `cargo build -p dcrf-demo` on first use); checks
+//! that the raw-retrieve anchor answers with the demo's bytes and that raw-fanout serves the
+//! fan-out scenario.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -222,7 +224,17 @@ fn help_documents_every_flag() {
         assert!(help.contains(flag), "--help does not mention {flag}");
     }
     for scenario in [
-        "echo", "retrieve", "list", "create", "patch", "fanout", "idle", "raw-echo",
+        "echo",
+        "retrieve",
+        "list",
+        "create",
+        "patch",
+        "fanout",
+        "idle",
+        "raw-echo",
+        "raw-retrieve",
+        "raw-fanout",
+        "--database",
     ] {
         assert!(
             help.contains(scenario),
@@ -383,4 +395,225 @@ fn demo_todos_fanout() {
         assert_eq!(num(&v, "unmatched"), 0.0, "{v}");
         assert_eq!(v["subscribe"], how);
     }
+}
+
+/// A directory under the system's temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("dcrf-bench-{name}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Sends every frame on one connection to `url` (all first, then reads as many replies) and
+/// returns the replies in order.
+fn replies(url: &str, frames: &[&str]) -> Vec<String> {
+    use tokio_tungstenite::tungstenite::{Message, connect};
+    let (mut ws, _) = connect(url).unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    for f in frames {
+        ws.send(Message::text(*f)).expect("send");
+    }
+    let mut out = Vec::new();
+    while out.len() < frames.len() {
+        match ws.read().expect("read") {
+            Message::Text(t) => out.push(t.as_str().to_owned()),
+            Message::Close(_) => panic!("{url} closed after {out:?}"),
+            _ => {}
+        }
+    }
+    let _ = ws.close(None);
+    out
+}
+
+#[test]
+fn raw_retrieve_replies_like_the_demo() {
+    let dir = TempDir::new("raw-retrieve");
+    let file = dir.0.join("todos.sqlite3");
+    let file = file.to_str().expect("UTF-8 path");
+    raw_retrieve_like_demo(
+        &format!("sqlite://{file}?mode=rwc"),
+        &format!("sqlite://{file}"),
+    );
+}
+
+/// The same on a fresh schema of the PostgreSQL database of `DATABASE_URL`.
+#[test]
+fn raw_retrieve_replies_like_the_demo_on_postgres() {
+    let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "DATABASE_URL is not set: this test needs PostgreSQL; run it through \
+             scripts/test.sh, which filters it out when PostgreSQL is unavailable"
+        )
+    });
+    let schema = format!("dcrf_bench_raw_{}", std::process::id());
+    let admin = |sql: String| {
+        let url = url.clone();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let pool = sqlx::PgPool::connect(&url)
+                    .await
+                    .expect("connect to DATABASE_URL");
+                // Our own schema name, no input.
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                    .execute(&pool)
+                    .await
+                    .expect(&sql);
+                pool.close().await;
+            });
+    };
+    admin(format!(
+        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE; CREATE SCHEMA \"{schema}\""
+    ));
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let in_schema = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+    raw_retrieve_like_demo(&in_schema, &in_schema);
+    admin(format!("DROP SCHEMA \"{schema}\" CASCADE"));
+}
+
+/// Starts the demo on `demo_db` (seeded with 25 todos, one patched to need escaping) and
+/// raw-retrieve on `raw_db` (the same data), and checks that both answer the same retrieve
+/// frames with the same bytes; then runs the `retrieve` scenario against raw-retrieve.
+fn raw_retrieve_like_demo(demo_db: &str, raw_db: &str) {
+    let mut cmd = Command::new(demo_binary());
+    cmd.args([
+        "--bind",
+        "127.0.0.1:0",
+        "--seed",
+        "25",
+        "--database",
+        demo_db,
+    ])
+    .env("RUST_LOG", "warn");
+    let demo = Server::start(cmd).unwrap_or_else(|e| panic!("{e}"));
+    // A title and an owner that need escaping, written through the demo.
+    let patched = replies(
+        &demo.url("/ws/todos/"),
+        &[
+            r#"{"action":"patch","pk":4,"data":{"title":"q\"b\\s\/ é\n\t\u0001 😀","owner":"ada"},"request_id":1}"#,
+        ],
+    );
+    assert!(
+        patched[0].contains(r#""response_status":200"#),
+        "{patched:?}"
+    );
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["raw-retrieve", "--bind", "127.0.0.1:0", "--threads", "2"])
+        .args(["--database", raw_db]);
+    let raw = Server::start(cmd).unwrap_or_else(|e| panic!("{e}"));
+
+    let frames = [
+        r#"{"action":"retrieve","pk":1,"request_id":1}"#,
+        r#"{"action":"retrieve","pk":4,"request_id":2}"#,
+        r#"{"action":"retrieve","pk":25,"request_id":3}"#,
+        r#"{"action":"retrieve","pk":26,"request_id":4}"#,
+        r#"{"action":"retrieve","pk":0,"request_id":"r-5"}"#,
+        r#"{"action":"retrieve","pk":7}"#,
+        r#"{"request_id":7,"pk":13,"action":"retrieve"}"#,
+        r#"{"action":"retrieve","pk":9999999999,"request_id":8}"#,
+    ];
+    let want = replies(&demo.url("/ws/todos/"), &frames);
+    let got = replies(&raw.url("/any/path/"), &frames);
+    for ((frame, w), g) in frames.iter().zip(&want).zip(&got) {
+        assert_eq!(g, w, "reply to {frame}");
+    }
+    assert!(want[1].contains("ada"), "{want:?}");
+    assert!(want[3].contains(r#""response_status":404"#), "{want:?}");
+
+    // The retrieve scenario runs against it.
+    let url = raw.url("/ws/todos/");
+    let mut args = vec![
+        "retrieve",
+        "--url",
+        &url,
+        "--connections",
+        "4",
+        "--rows",
+        "25",
+    ];
+    args.extend(SHORT);
+    let v = bench(&args);
+    assert_clean(&v);
+    assert_eq!(num(&v, "lost"), 0.0);
+}
+
+#[test]
+fn raw_retrieve_needs_a_database() {
+    let out = Command::new(BENCH)
+        .args(["raw-retrieve", "--bind", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--database"));
+    let out = Command::new(BENCH)
+        .args([
+            "raw-retrieve",
+            "--bind",
+            "127.0.0.1:0",
+            "--database",
+            "sqlite::memory:",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn raw_fanout_serves_the_fanout_scenario() {
+    let mut cmd = Command::new(BENCH);
+    cmd.args(["raw-fanout", "--bind", "127.0.0.1:0", "--threads", "2"]);
+    let server = Server::start(cmd).unwrap_or_else(|e| panic!("{e}"));
+    let url = server.url("/ws/todos/");
+    for (how, rate) in [("instance", None), ("all", None), ("instance", Some("50"))] {
+        let mut args = vec![
+            "fanout",
+            "--url",
+            &url,
+            "--connections",
+            "20",
+            "--subscribe",
+            how,
+        ];
+        args.extend(["--pk", "3"]);
+        if let Some(r) = rate {
+            args.extend(["--rate", r]);
+        }
+        args.extend(SHORT);
+        let v = try_bench(&args).unwrap_or_else(|e| panic!("fanout {how}: {e}"));
+        assert_eq!(num(&v, "connections_open"), 20.0, "{v}");
+        assert!(num(&v, "deliveries") > 0.0, "{v}");
+        assert_eq!(num(&v, "deliveries"), num(&v, "deliveries_expected"), "{v}");
+        assert_eq!(num(&v, "duplicates"), 0.0, "{v}");
+        assert_eq!(num(&v, "errors"), 0.0, "{v}");
+        assert_eq!(num(&v, "unmatched"), 0.0, "{v}");
+    }
+    // A subscriber of another row gets nothing; the writer gets its reply.
+    let frames = [
+        r#"{"action":"subscribe_instance","pk":2,"request_id":"s"}"#,
+        r#"{"action":"patch","pk":1,"data":{"title":"x"},"request_id":5}"#,
+    ];
+    let got = replies(&url, &frames);
+    assert!(
+        got[0].contains(r#""response_status":201,"request_id":"s""#),
+        "{got:?}"
+    );
+    assert_eq!(
+        got[1],
+        r#"{"errors":[],"data":{"id":1,"title":"x","done":false,"owner":""},"action":"patch","response_status":200,"request_id":5}"#
+    );
 }
