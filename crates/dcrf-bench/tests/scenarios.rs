@@ -370,12 +370,20 @@ fn demo_todos_request_scenarios() {
 #[test]
 fn demo_todos_fanout() {
     let server = demo_with_todos(10);
-    let url = server.url("/ws/todos/");
+    for v in fanout_runs(&server.url("/ws/todos/")) {
+        assert!(num(&v, "deliveries_per_s") > 0.0, "{v}");
+    }
+}
+
+/// The `fanout` scenario against `url`, per instance, to all, and rate-limited: each run's
+/// report, checked for 20 subscribers, every expected delivery, and no error.
+fn fanout_runs(url: &str) -> Vec<serde_json::Value> {
+    let mut reports = Vec::new();
     for (how, rate) in [("instance", None), ("all", None), ("instance", Some("50"))] {
         let mut args = vec![
             "fanout",
             "--url",
-            &url,
+            url,
             "--connections",
             "20",
             "--subscribe",
@@ -390,11 +398,12 @@ fn demo_todos_fanout() {
         assert_eq!(num(&v, "connections_open"), 20.0, "{v}");
         assert!(num(&v, "deliveries") > 0.0, "{v}");
         assert_eq!(num(&v, "deliveries"), num(&v, "deliveries_expected"), "{v}");
-        assert!(num(&v, "deliveries_per_s") > 0.0, "{v}");
         assert_eq!(num(&v, "errors"), 0.0, "{v}");
         assert_eq!(num(&v, "unmatched"), 0.0, "{v}");
         assert_eq!(v["subscribe"], how);
+        reports.push(v);
     }
+    reports
 }
 
 /// A directory under the system's temporary directory, removed on drop.
@@ -579,28 +588,8 @@ fn raw_fanout_serves_the_fanout_scenario() {
     cmd.args(["raw-fanout", "--bind", "127.0.0.1:0", "--threads", "2"]);
     let server = Server::start(cmd).unwrap_or_else(|e| panic!("{e}"));
     let url = server.url("/ws/todos/");
-    for (how, rate) in [("instance", None), ("all", None), ("instance", Some("50"))] {
-        let mut args = vec![
-            "fanout",
-            "--url",
-            &url,
-            "--connections",
-            "20",
-            "--subscribe",
-            how,
-        ];
-        args.extend(["--pk", "3"]);
-        if let Some(r) = rate {
-            args.extend(["--rate", r]);
-        }
-        args.extend(SHORT);
-        let v = try_bench(&args).unwrap_or_else(|e| panic!("fanout {how}: {e}"));
-        assert_eq!(num(&v, "connections_open"), 20.0, "{v}");
-        assert!(num(&v, "deliveries") > 0.0, "{v}");
-        assert_eq!(num(&v, "deliveries"), num(&v, "deliveries_expected"), "{v}");
+    for v in fanout_runs(&url) {
         assert_eq!(num(&v, "duplicates"), 0.0, "{v}");
-        assert_eq!(num(&v, "errors"), 0.0, "{v}");
-        assert_eq!(num(&v, "unmatched"), 0.0, "{v}");
     }
     // A subscriber of another row gets nothing; the writer gets its reply.
     let frames = [

@@ -2,6 +2,8 @@
 //! resuming with `since`, live lists, bursts larger than a connection's queue, and Redis
 //! restarts.
 
+mod common;
+
 use std::time::Duration;
 
 use dcrf::testing::{TestClient, TestServer};
@@ -372,19 +374,6 @@ async fn a_live_list_resumes_with_since_or_gets_a_fresh_snapshot() {
     assert_eq!(reply["data"]["results"], json!([a]));
 }
 
-/// This process's resident memory, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The ids of the `update` pushes among frames.
 fn update_ids(frames: &[Value]) -> Vec<i64> {
     frames
@@ -453,13 +442,13 @@ async fn a_burst_larger_than_the_queue_reaches_a_reading_client_and_closes_a_sta
         offsets.windows(2).all(|p| p[1] == p[0] + 1),
         "in order, none twice"
     );
-    let rss_before = rss_kib();
+    let rss_before = common::rss_kib();
     for round in 0..2 {
         w.request(burst(round % 2 == 0)).await;
         let frames = drain(&mut reader, Duration::from_millis(500)).await;
         assert_eq!(update_ids(&frames).len(), 5000, "round {round}");
     }
-    let growth = rss_kib().saturating_sub(rss_before);
+    let growth = common::rss_kib().saturating_sub(rss_before);
     eprintln!("RSS growth over 10,000 more changes with a stalled subscriber: {growth} KiB");
     assert!(growth < 256 * 1024, "memory grew by {growth} KiB");
     let frame = stalled_end.await.unwrap().expect("a close frame");

@@ -135,18 +135,6 @@ async fn subscribe_many_over_the_cap_stops_at_it() {
     );
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// A subscriber that never reads while 200 rows of 500 kB are created (100 MB of pushes for
 /// it): the server holds at most its outbound and event-queue bytes (4 MiB each) and the
 /// stream's history (16 MiB) for it, then lets it go with 1013. Before the byte bounds, 256
@@ -187,14 +175,14 @@ async fn a_stalled_subscriber_of_large_rows_costs_its_byte_budget_then_1013() {
         }
         stalled.receive_close().await
     });
-    let before = rss_kib();
+    let before = common::rss_kib();
     let mut peak = before;
     for i in 0..200 {
         let reply = w
             .request(json!({"action": "create", "data": {"title": "big", "owner": owner}, "request_id": i}))
             .await;
         assert_eq!(reply["response_status"], 201, "create {i}");
-        peak = peak.max(rss_kib());
+        peak = peak.max(common::rss_kib());
     }
     let growth = peak.saturating_sub(before);
     eprintln!("peak RSS growth with a stalled subscriber of 200 x 500 kB pushes: {growth} KiB");
@@ -339,7 +327,7 @@ async fn a_list_over_large_rows_stops_at_the_reply_cap() {
             .await
             .unwrap();
     }
-    let before = rss_kib();
+    let before = common::rss_kib();
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(todos(&s).await);
@@ -361,7 +349,7 @@ async fn a_list_over_large_rows_stops_at_the_reply_cap() {
             )
         );
     }
-    let growth = rss_kib().saturating_sub(before);
+    let growth = common::rss_kib().saturating_sub(before);
     eprintln!("RSS growth over three lists of 30 MB: {growth} KiB");
     assert!(growth < 96 * 1024, "memory grew by {growth} KiB");
     // A page that fits is served.
