@@ -63,6 +63,7 @@ fn encode_reply(bencher: divan::Bencher) {
 #[divan::bench]
 fn echo_end_to_end(bencher: divan::Bencher) {
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap();
     let mut conn = LocalConnection::new(Echo);
@@ -76,6 +77,7 @@ fn echo_end_to_end(bencher: divan::Bencher) {
 #[divan::bench(args = [10, 100, 1000])]
 fn fan_out(bencher: divan::Bencher, subscribers: usize) {
     let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .unwrap();
     let layer = ChannelLayer::memory();
