@@ -419,18 +419,7 @@ async fn a_burst_larger_than_the_queue_reaches_a_reading_client_and_closes_a_sta
     // timeout (5 s) it is let go, and the server waits 2 s for it to take its last frames and
     // the close frame. Two more bursts right away fill its buffers; it reads as soon as the
     // server has let it go.
-    let app = s.app.clone();
-    let stalled_end = tokio::spawn(async move {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while app.slow_client_closes() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not let go within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        stalled.receive_close().await
-    });
+    let stalled_end = common::close_once_let_go(s.app.clone(), stalled, Duration::from_secs(30));
     let frames = drain(&mut reader, Duration::from_millis(500)).await;
     let mut got = update_ids(&frames);
     got.sort_unstable();

@@ -163,18 +163,7 @@ async fn a_stalled_subscriber_of_large_rows_costs_its_byte_budget_then_1013() {
         .await;
     }
     // Let go while the rows are being written: it reads as soon as it is, and gets the close.
-    let app = s.app.clone();
-    let stalled_end = tokio::spawn(async move {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while app.slow_client_closes() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not let go within 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        stalled.receive_close().await
-    });
+    let stalled_end = common::close_once_let_go(s.app.clone(), stalled, Duration::from_secs(60));
     let before = common::rss_kib();
     let mut peak = before;
     for i in 0..200 {

@@ -900,6 +900,9 @@ async fn write_loop(
     sent: ::metrics::Counter,
 ) {
     let mut pings = crate::guard::Pings::new(ping_interval);
+    // The outbound bytes of the frames being written, given back once they are flushed (one
+    // buffer for the connection's life: no allocation per flush).
+    let mut written = Vec::new();
     loop {
         let first = tokio::select! {
             first = rx.recv() => first,
@@ -912,8 +915,6 @@ async fn write_loop(
         };
         let Some(first) = first else { break };
         let mut next = Some(first);
-        // The outbound bytes of the frames being written, given back once they are flushed.
-        let mut written = Vec::new();
         while let Some(out) = next.take() {
             match out {
                 Outbound::Text(text, bytes) => {
@@ -930,7 +931,7 @@ async fn write_loop(
         if sink.flush().await.is_err() {
             return;
         }
-        drop(written);
+        written.clear();
     }
     if let Ok(frame) = close.await {
         send_close(&mut sink, frame).await;

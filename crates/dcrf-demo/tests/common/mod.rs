@@ -239,3 +239,24 @@ pub fn rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// On its own task: waits until the server has let a client go for being too slow
+/// ([`Dcrf::slow_client_closes`](dcrf::Dcrf::slow_client_closes)), then reads the client's
+/// close frame. Panics if that takes longer than `within`.
+pub fn close_once_let_go(
+    app: dcrf::Dcrf,
+    mut client: dcrf::testing::TestClient,
+    within: Duration,
+) -> tokio::task::JoinHandle<Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>> {
+    tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + within;
+        while app.slow_client_closes() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not let go within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        client.receive_close().await
+    })
+}

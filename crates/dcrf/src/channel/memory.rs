@@ -159,8 +159,7 @@ impl MemoryBroker {
 
     /// Drops the oldest events of any stream while all streams together hold more than
     /// `max_total_bytes`; forgets the order of events their streams dropped themselves.
-    fn trim_total(&self) {
-        let mut order = lock(&self.order);
+    fn trim_total(&self, order: &mut VecDeque<(Weak<Mutex<Stream>>, u64)>) {
         while self.totals.bytes.load(Ordering::Relaxed) > self.options.max_total_bytes {
             let Some((stream, offset)) = order.pop_front() else {
                 break;
@@ -238,8 +237,9 @@ impl Broker for MemoryBroker {
         drop(s);
         if kept {
             // Not under the stream's lock: the order's lock is taken before streams' locks.
-            lock(&self.order).push_back((Arc::downgrade(&stream), offset));
-            self.trim_total();
+            let mut order = lock(&self.order);
+            order.push_back((Arc::downgrade(&stream), offset));
+            self.trim_total(&mut order);
         }
         Box::pin(std::future::ready(Ok(())))
     }

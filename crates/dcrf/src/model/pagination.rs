@@ -129,12 +129,14 @@ pub(crate) async fn fetch_rows<C: ModelConsumer>(
     let mut rows = Vec::new();
     let mut total = 0usize;
     while let Some(model) = stream.try_next().await? {
-        let text = serde_json::to_string(&C::Output::from(model)).map_err(ApiError::internal)?;
-        total += text.len() + 1;
+        // Serialized once, not parsed back.
+        let row =
+            serde_json::value::to_raw_value(&C::Output::from(model)).map_err(ApiError::internal)?;
+        total += row.get().len() + 1;
         if total > max_bytes {
             return Err(crate::guard::reply_too_large(None, max_bytes));
         }
-        rows.push(RawValue::from_string(text).map_err(ApiError::internal)?);
+        rows.push(row);
     }
     Ok(rows)
 }
