@@ -278,14 +278,17 @@ fn strip_extensions(value: &mut Value) {
 pub enum TestBackend {
     /// An in-memory SQLite database of its own.
     Sqlite,
+    /// A SQLite file of its own in the temporary directory (WAL, so retrieves take the inline
+    /// read path); [`drop_test_db`] removes it.
+    SqliteFile,
     /// A fresh schema in the PostgreSQL database named by `DATABASE_URL`.
     Postgres,
 }
 
 #[cfg(feature = "model")]
 #[cfg_attr(docsrs, doc(cfg(feature = "model")))]
-/// A fresh, empty database for one test: in-memory SQLite, or a new schema in the PostgreSQL
-/// database of `DATABASE_URL` (the connection's `search_path` points at it).
+/// A fresh, empty database for one test: in-memory SQLite, a new SQLite file, or a new schema in
+/// the PostgreSQL database of `DATABASE_URL` (the connection's `search_path` points at it).
 ///
 /// # Panics
 ///
@@ -298,6 +301,18 @@ pub async fn test_db(backend: TestBackend) -> crate::model::Db {
         TestBackend::Sqlite => crate::model::Db::connect("sqlite::memory:")
             .await
             .expect("in-memory sqlite"),
+        TestBackend::SqliteFile => {
+            static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "dcrf-test-{}-{}.sqlite3",
+                std::process::id(),
+                COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            remove_sqlite_file(&path);
+            crate::model::Db::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+                .await
+                .expect("sqlite file in the temporary directory")
+        }
         TestBackend::Postgres => {
             let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| {
                 panic!(
@@ -351,10 +366,24 @@ pub async fn postgres_schema_url(url: &str) -> String {
 
 #[cfg(feature = "model")]
 #[cfg_attr(docsrs, doc(cfg(feature = "model")))]
-/// Drops the schema a PostgreSQL test database was created in (see [`test_db`]); does nothing
-/// for other databases.
+/// Drops the schema a PostgreSQL test database was created in, or removes the file of a SQLite
+/// one (see [`test_db`]); does nothing for an in-memory database.
 pub async fn drop_test_db(db: crate::model::Db) {
     use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    #[cfg(feature = "sqlite")]
+    if db.backend() == DbBackend::Sqlite {
+        let path = db
+            .conn()
+            .get_sqlite_connection_pool()
+            .connect_options()
+            .get_filename()
+            .to_owned();
+        if path.extension().is_some_and(|e| e == "sqlite3") {
+            let _ = db.conn().clone().close().await;
+            remove_sqlite_file(&path);
+        }
+        return;
+    }
     if db.backend() != DbBackend::Postgres {
         return;
     }
@@ -376,10 +405,20 @@ pub async fn drop_test_db(db: crate::model::Db) {
     }
 }
 
+/// Removes a SQLite database file with its WAL and shared-memory files.
+#[cfg(feature = "model")]
+fn remove_sqlite_file(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let _ = std::fs::remove_file(name);
+    }
+}
+
 #[cfg(feature = "model")]
 #[cfg_attr(docsrs, doc(cfg(feature = "model")))]
-/// Declares a test that runs once per backend: `mod name { sqlite, postgres }`, calling
-/// `async fn name(db: Db)`.
+/// Declares a test that runs once per backend: `mod name { sqlite, sqlite_file, postgres }`,
+/// calling `async fn name(db: Db)`.
 ///
 /// ```ignore
 /// dcrf::backend_tests!(create_works);
@@ -393,6 +432,12 @@ macro_rules! backend_tests {
             async fn sqlite() {
                 let db = $crate::testing::test_db($crate::testing::TestBackend::Sqlite).await;
                 super::$name(db).await;
+            }
+            #[tokio::test]
+            async fn sqlite_file() {
+                let db = $crate::testing::test_db($crate::testing::TestBackend::SqliteFile).await;
+                super::$name(db.clone()).await;
+                $crate::testing::drop_test_db(db).await;
             }
             #[tokio::test]
             async fn postgres() {

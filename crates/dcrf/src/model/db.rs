@@ -46,6 +46,9 @@ pub struct Db {
     observers: Observers,
     hooks: Arc<OnceLock<Arc<dyn TxnHooks>>>,
     order: Arc<CommitOrder>,
+    /// Inline point reads, for a SQLite database file.
+    #[cfg(feature = "sqlite")]
+    sqlite_reads: Option<Arc<super::sqlite_reads::SqliteReads>>,
 }
 
 /// Publishes each table's changes in commit order: a transaction with observed changes holds
@@ -202,12 +205,31 @@ impl DbOptions {
             conn.execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA busy_timeout=5000;")
                 .await?;
         }
-        let db = Db::from_connection(conn, layer);
+        #[allow(unused_mut)]
+        let mut db = Db::from_connection(conn, layer);
+        #[cfg(feature = "sqlite")]
+        if db.backend() == DbBackend::Sqlite && !sqlite_in_memory(&url) {
+            let options = db.conn.get_sqlite_connection_pool().connect_options();
+            db.sqlite_reads = Some(super::sqlite_reads::SqliteReads::new(
+                options.get_filename(),
+            ));
+        }
         if let Some(hooks) = hooks {
             let _ = db.hooks.set(hooks);
         }
         Ok(db)
     }
+}
+
+/// Does a SQLite URL name an in-memory database (which other connections cannot open)?
+#[cfg(feature = "sqlite")]
+fn sqlite_in_memory(url: &str) -> bool {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
+    path.is_empty() || path == ":memory:" || params.split('&').any(|p| p == "mode=memory")
 }
 
 impl Db {
@@ -239,7 +261,56 @@ impl Db {
             observers: Observers::new(layer),
             hooks: Arc::new(OnceLock::new()),
             order: Arc::default(),
+            #[cfg(feature = "sqlite")]
+            sqlite_reads: None,
         }
+    }
+
+    /// The inline readers of a SQLite file database.
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn sqlite_reads(&self) -> Option<&Arc<super::sqlite_reads::SqliteReads>> {
+        self.sqlite_reads.as_ref()
+    }
+
+    /// The first row of `query` (with `LIMIT 1`), as [`Select::one`] on [`conn`](Self::conn)
+    /// would return it. On a SQLite database file opened by [`connect`](Self::connect) it runs
+    /// inline on this thread's read-only connection, with its statement prepared once (no
+    /// hop to sqlx's connection thread, no pool checkout); any other database, and any query
+    /// that path cannot read (a column type it does not decode, a busy file), goes through
+    /// sea-orm. Use it for short point reads: the inline read holds the calling thread.
+    pub async fn read_one<E>(&self, query: sea_orm::Select<E>) -> Result<Option<E::Model>, Error>
+    where
+        E: EntityTrait,
+        E::ActiveModel: sea_orm::TryIntoModel<E::Model>,
+    {
+        let query = query.limit(1);
+        #[cfg(feature = "sqlite")]
+        if let Some(reads) = &self.sqlite_reads {
+            let statement = sea_orm::QueryTrait::build(&query, DbBackend::Sqlite);
+            return match reads.one::<E>(&statement) {
+                Ok(found) => Ok(found),
+                Err(_) => Ok(E::find().from_raw_sql(statement).one(&self.conn).await?),
+            };
+        }
+        Ok(query.one(&self.conn).await?)
+    }
+
+    /// The number of rows `query` selects, as [`PaginatorTrait::count`](sea_orm::PaginatorTrait::count)
+    /// on [`conn`](Self::conn) counts them; inline on a SQLite file, like
+    /// [`read_one`](Self::read_one).
+    pub async fn count<E>(&self, query: sea_orm::Select<E>) -> Result<u64, Error>
+    where
+        E: EntityTrait,
+        E::Model: Sync,
+    {
+        #[cfg(feature = "sqlite")]
+        if let Some(reads) = &self.sqlite_reads {
+            let statement = sea_orm::QueryTrait::build(&query, DbBackend::Sqlite);
+            if let Ok(n) = reads.count(&statement) {
+                return Ok(n);
+            }
+        }
+        Ok(sea_orm::PaginatorTrait::count(query, &self.conn).await?)
     }
 
     /// The transaction hooks installed on this database, if any.

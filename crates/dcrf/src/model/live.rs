@@ -189,7 +189,8 @@ async fn snapshot<C: ModelConsumer>(
 ) -> Result<Vec<Box<RawValue>>, ApiError> {
     let max = max_rows(c);
     let query = list_query(c, ctx, frame)?.limit(max + 1);
-    let rows = pagination::fetch_rows::<C>(c.db(), query, ctx.guard().max_reply()).await?;
+    let rows =
+        pagination::fetch_rows::<C>(c.db(), query, Some(max + 1), ctx.guard().max_reply()).await?;
     if rows.len() as u64 > max {
         return Err(ApiError::bad_request(format!(
             "This list has more than {max} rows; a live list holds at most {max}. \

@@ -68,6 +68,8 @@ mod db;
 mod live;
 mod lookup;
 mod pagination;
+#[cfg(feature = "sqlite")]
+mod sqlite_reads;
 mod validation;
 pub mod validators;
 
@@ -79,7 +81,7 @@ use axum::http::StatusCode;
 use sea_orm::{
     ActiveModelBehavior, ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, EntityName,
     EntityTrait, IntoActiveModel, Iterable, Order, PrimaryKeyToColumn, QueryFilter, QueryOrder,
-    QuerySelect, Select,
+    QuerySelect, Select, TryIntoModel,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -117,7 +119,7 @@ pub trait ModelEntity:
                    + Sync
                    + 'static
                    + IntoActiveModel<<Self as EntityTrait>::ActiveModel>,
-        ActiveModel: ActiveModelBehavior + Send + Sync,
+        ActiveModel: ActiveModelBehavior + Send + Sync + TryIntoModel<<Self as EntityTrait>::Model>,
     >
 {
 }
@@ -130,7 +132,10 @@ impl<E> ModelEntity for E where
                        + Sync
                        + 'static
                        + IntoActiveModel<<E as EntityTrait>::ActiveModel>,
-            ActiveModel: ActiveModelBehavior + Send + Sync,
+            ActiveModel: ActiveModelBehavior
+                             + Send
+                             + Sync
+                             + TryIntoModel<<E as EntityTrait>::Model>,
         >
 {
 }
@@ -456,6 +461,19 @@ pub async fn get_object<C: ModelConsumer, Conn: ConnectionTrait>(
     conn: &Conn,
     lock: bool,
 ) -> Result<ModelOf<C>, ApiError> {
+    let mut query = object_query(consumer, ctx, frame)?;
+    if lock && conn.get_database_backend() == DbBackend::Postgres {
+        query = query.lock_exclusive();
+    }
+    query.one(conn).await?.ok_or_else(ApiError::not_found)
+}
+
+/// The query of [`get_object`]: the queryset, narrowed, then the lookup field.
+fn object_query<C: ModelConsumer>(
+    consumer: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<Select<C::Entity>, ApiError> {
     let field = consumer.lookup_field();
     let raw = frame
         .field(field)
@@ -470,12 +488,8 @@ pub async fn get_object<C: ModelConsumer, Conn: ConnectionTrait>(
     let Some(value) = json_to_value(column, raw.get()) else {
         return Err(ApiError::not_found());
     };
-    let mut query = consumer.filter_queryset(ctx, consumer.get_queryset(ctx, frame), frame)?;
-    query = query.filter(column.eq(value));
-    if lock && conn.get_database_backend() == DbBackend::Postgres {
-        query = query.lock_exclusive();
-    }
-    query.one(conn).await?.ok_or_else(ApiError::not_found)
+    let query = consumer.filter_queryset(ctx, consumer.get_queryset(ctx, frame), frame)?;
+    Ok(query.filter(column.eq(value)))
 }
 
 async fn check_object<C: ModelConsumer>(
@@ -496,7 +510,12 @@ async fn retrieve<C: ModelConsumer>(
     ctx: &Ctx,
     frame: &Frame<'_>,
 ) -> Result<Reply<C::Output>, ApiError> {
-    let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
+    let query = object_query(c, ctx, frame)?;
+    let object = c
+        .db()
+        .read_one(query)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     check_object(c, ctx, "retrieve", &object).await?;
     Ok(Reply::ok(C::Output::from(object)))
 }
@@ -536,7 +555,7 @@ async fn list<C: ModelConsumer>(
     let max_bytes = ctx.guard().max_reply();
     match c.pagination() {
         None => {
-            let rows = pagination::fetch_rows::<C>(c.db(), query, max_bytes).await?;
+            let rows = pagination::fetch_rows::<C>(c.db(), query, None, max_bytes).await?;
             Ok(Reply::ok(ListData::All(rows)))
         }
         Some(p) => {

@@ -1,13 +1,11 @@
 //! Limit/offset pagination, ordering and filters for `list`.
 
-use sea_orm::{
-    ColumnTrait, EntityTrait, Order, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Select,
-};
+use sea_orm::{ColumnTrait, EntityTrait, Order, QueryFilter, QueryOrder, QuerySelect, Select};
 use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::{Db, ModelConsumer, column_named, json_to_value};
+use super::{Db, ModelConsumer, ModelOf, column_named, json_to_value};
 use crate::error::ApiError;
 use crate::protocol::Frame;
 
@@ -102,11 +100,17 @@ pub(crate) async fn fetch_page<C: ModelConsumer>(
     offset: u64,
     max_bytes: usize,
 ) -> Result<Page<Box<RawValue>>, ApiError> {
-    let count = query.clone().count(db.conn()).await?;
+    let count = db.count(query.clone()).await?;
     let results = if count == 0 || offset > count {
         Vec::new()
     } else {
-        fetch_rows::<C>(db, query.offset(offset).limit(limit), max_bytes).await?
+        fetch_rows::<C>(
+            db,
+            query.offset(offset).limit(limit),
+            Some(limit),
+            max_bytes,
+        )
+        .await?
     };
     Ok(Page {
         count,
@@ -119,26 +123,74 @@ pub(crate) async fn fetch_page<C: ModelConsumer>(
 /// The rows of a query as their output's JSON, serialized one by one as they arrive. Once they
 /// weigh more than `max_bytes` (a reply that could not be sent: the reply cap) the query stops
 /// and the answer is 413, so a request over large rows holds at most that much, not every row.
+///
+/// `at_most` is the query's `LIMIT`, if it has one: a short enough query on a SQLite file
+/// reads inline (see [`Db::read_one`]).
 pub(crate) async fn fetch_rows<C: ModelConsumer>(
     db: &Db,
     query: Select<C::Entity>,
+    at_most: Option<u64>,
     max_bytes: usize,
 ) -> Result<Vec<Box<RawValue>>, ApiError> {
     use futures_util::TryStreamExt;
+    let mut rows = Rows::new(max_bytes);
+    #[cfg(feature = "sqlite")]
+    if let Some(reads) = db.sqlite_reads()
+        && at_most.is_some_and(|n| n <= super::sqlite_reads::INLINE_ROWS)
+    {
+        let statement = sea_orm::QueryTrait::build(&query, sea_orm::DbBackend::Sqlite);
+        let mut failed = None;
+        let inline = reads.each::<C::Entity>(&statement, |model| match rows.push::<C>(model) {
+            Ok(()) => std::ops::ControlFlow::Continue(()),
+            Err(e) => {
+                failed = Some(e);
+                std::ops::ControlFlow::Break(())
+            }
+        });
+        if inline.is_ok() {
+            return match failed {
+                Some(e) => Err(e),
+                None => Ok(rows.rows),
+            };
+        }
+        rows = Rows::new(max_bytes);
+    }
+    #[cfg(not(feature = "sqlite"))]
+    let _ = at_most;
     let mut stream = query.stream(db.conn()).await?;
-    let mut rows = Vec::new();
-    let mut total = 0usize;
     while let Some(model) = stream.try_next().await? {
-        // Serialized once, not parsed back.
+        rows.push::<C>(model)?;
+    }
+    Ok(rows.rows)
+}
+
+/// Rows serialized so far, and their weight against the reply cap.
+struct Rows {
+    rows: Vec<Box<RawValue>>,
+    total: usize,
+    max_bytes: usize,
+}
+
+impl Rows {
+    fn new(max_bytes: usize) -> Rows {
+        Rows {
+            rows: Vec::new(),
+            total: 0,
+            max_bytes,
+        }
+    }
+
+    /// Serializes one more row (once, not parsed back); 413 once the rows outgrow the cap.
+    fn push<C: ModelConsumer>(&mut self, model: ModelOf<C>) -> Result<(), ApiError> {
         let row =
             serde_json::value::to_raw_value(&C::Output::from(model)).map_err(ApiError::internal)?;
-        total += row.get().len() + 1;
-        if total > max_bytes {
-            return Err(crate::guard::reply_too_large(None, max_bytes));
+        self.total += row.get().len() + 1;
+        if self.total > self.max_bytes {
+            return Err(crate::guard::reply_too_large(None, self.max_bytes));
         }
-        rows.push(row);
+        self.rows.push(row);
+        Ok(())
     }
-    Ok(rows)
 }
 
 /// Equality filters: a column and its value (`None`: `IS NULL`).
