@@ -652,6 +652,9 @@ def render(groups, curves, meta, timings, charts):
             "`raw fan-out` is `dcrf-bench raw-fanout`, the ceiling: no database, one push "
             "encoded per write and written to every subscribed socket; `dcrf/raw` is the share "
             "of its deliveries/s dcrf-demo reaches."
+            + (f" Python DCRF ran only up to {fmt(meta['fanout_python_max'])} subscribers "
+               "(`FANOUT_PYTHON_MAX`)."
+               if any(n > meta.get("fanout_python_max", 10**9) for (_, n), _ in fan) else "")
         )
         parts.append(table(
             ["subscribers", "subscribe", "server", "writes/s", "deliveries/s", "p50 µs",
@@ -1108,7 +1111,7 @@ def main():
     ap.add_argument("--no-chart", action="store_true", help="draw no chart and no plots")
     args = ap.parse_args()
     groups, curves, meta, timings = load(args.results)
-    if not groups and not curves:
+    if not groups and not curves and not meta:
         sys.exit(f"no results in {args.results}")
     images = {}
     if not args.no_chart:

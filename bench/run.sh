@@ -42,12 +42,16 @@
 #   CRUD_WINDOW [1]                requests in flight per connection for the todo scenarios
 #   FANOUT_SUBSCRIBERS ["100 1000 10000"]
 #   FANOUT_SUBSCRIBE ["instance all"]   subscribe_instance and/or subscribe_to_all
+#   FANOUT_PYTHON_MAX [1000]       the Python server runs fan-out only up to this many
+#                                  subscribers: at 10,000 it takes about 10 minutes per run
+#                                  (4 to accept them, 3 to deliver one write) and delivers
+#                                  no write inside the window; FANOUT_PYTHON_MAX=10000 runs it
 #   FANOUT_TIMEOUT [120]           seconds a write may take to reach every subscriber
 #   FANOUT_WARMUP [0]              warm-up for fan-out runs (subscribing is the warm-up; one
 #                                  write to 10,000 subscribers can outlast a short warm-up)
 #   IDLE_CONNECTIONS [19000]       (the goal's figure; needs ulimit -n of about 19,300)
-#   PY_IDLE_CONNECTIONS [10000]    the Python server's idle run is capped at this many
-#                                  connections (its handshakes slow down with every consumer
+#   PY_IDLE_CONNECTIONS [10000; 5000 with QUICK=1]  the Python server's idle run is capped
+#                                  at this many connections (its handshakes slow down with every consumer
 #                                  already connected); the report says so
 #   IDLE_TIMEOUT [60]              seconds one handshake may take while they all connect
 #   CURVE_CONNECTIONS ["1 10 100 1000 10000"]   points of curve-echo and curve-retrieve
@@ -105,11 +109,15 @@ if [ "$QUICK" = 1 ]; then
   DURATION="${DURATION:-2}"
   WARMUP="${WARMUP:-0.5}"
   CURVE_DURATION="${CURVE_DURATION:-1}"
+  FANOUT_PYTHON_MAX="${FANOUT_PYTHON_MAX:-1000}"
+  PY_IDLE_CONNECTIONS="${PY_IDLE_CONNECTIONS:-5000}"
   MODE=quick
 else
   DURATION="${DURATION:-10}"
   WARMUP="${WARMUP:-1}"
   CURVE_DURATION="${CURVE_DURATION:-3}"
+  FANOUT_PYTHON_MAX="${FANOUT_PYTHON_MAX:-1000}"
+  PY_IDLE_CONNECTIONS="${PY_IDLE_CONNECTIONS:-10000}"
   MODE=full
 fi
 DEFAULT_SCENARIOS="echo retrieve list create patch fanout idle pg curve-echo curve-retrieve curve-fanout curve-idle"
@@ -124,7 +132,6 @@ FANOUT_SUBSCRIBE="${FANOUT_SUBSCRIBE:-instance all}"
 FANOUT_TIMEOUT="${FANOUT_TIMEOUT:-120}"
 FANOUT_WARMUP="${FANOUT_WARMUP:-0}"
 IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-19000}"
-PY_IDLE_CONNECTIONS="${PY_IDLE_CONNECTIONS:-10000}"
 IDLE_TIMEOUT="${IDLE_TIMEOUT:-60}"
 CURVE_CONNECTIONS="${CURVE_CONNECTIONS:-1 10 100 1000 10000}"
 CURVE_PYTHON_MAX="${CURVE_PYTHON_MAX:-1000}"
@@ -590,15 +597,19 @@ case " $SCENARIOS " in *" pg "*)
   elif pg_err="$("$PY" - "$BENCH_PG_URL/postgres" 2>&1 <<'EOF'
 import sys
 import psycopg
-with psycopg.connect(sys.argv[1], connect_timeout=5) as conn:
-    conn.execute("SELECT 1")
+try:
+    with psycopg.connect(sys.argv[1], connect_timeout=5) as conn:
+        conn.execute("SELECT 1")
+except Exception as e:
+    print(" ".join(str(e).split())[:300])
+    sys.exit(1)
 EOF
 )"; then
     PG_GROUP="run"
     PG_USED=1
   else
     PG_GROUP="skipped"
-    PG_GROUP_REASON="PostgreSQL at $(sanitize "$BENCH_PG_URL") did not answer: $(printf '%s' "$pg_err" | tail -n1 | cut -c1-200)"
+    PG_GROUP_REASON="PostgreSQL at $(sanitize "$BENCH_PG_URL") did not answer ($(sanitize "$(printf '%s' "$pg_err" | tail -n1)"))"
     log "warning: skipping the pg group: $PG_GROUP_REASON"
   fi
   ;;
@@ -643,7 +654,7 @@ M_PG_DEMO_URL="$(sanitize "$BENCH_PG_URL/dcrf_bench_dcrf")" \
 M_PG_PY_ENV="$(sanitize "DATABASE_URL=$BENCH_PG_URL/dcrf_bench_python")" \
 M_IDLE="$IDLE_CONNECTIONS" M_PY_IDLE="$PY_IDLE_CONNECTIONS" M_CURVE_DURATION="$CURVE_DURATION" \
 M_CURVE_WARMUP="$CURVE_WARMUP" M_CURVE_WINDOW="$CURVE_WINDOW" M_CURVE_PYMAX="$CURVE_PYTHON_MAX" \
-M_CONNECTIONS="$CONNECTIONS" \
+M_CONNECTIONS="$CONNECTIONS" M_FANOUT_PYMAX="$FANOUT_PYTHON_MAX" \
 "$PY" - "$RESULTS/meta.json" <<'EOF'
 import json, os, sys
 e = os.environ.get
@@ -698,6 +709,7 @@ json.dump({
     "connections": int(e("M_CONNECTIONS")),
     "idle_connections": int(e("M_IDLE")),
     "python_idle_connections": int(e("M_PY_IDLE")),
+    "fanout_python_max": int(e("M_FANOUT_PYMAX")),
     "curve": {
         "duration_s": float(e("M_CURVE_DURATION")),
         "warmup_s": float(e("M_CURVE_WARMUP")),
@@ -731,7 +743,9 @@ for scenario in $SCENARIOS; do
     fanout)
       for how in $FANOUT_SUBSCRIBE; do
         for n in $FANOUT_SUBSCRIBERS; do
-          run_group "fanout-$how-$n" "raw-fanout dcrf python" fanout /ws/todos/ \
+          servers="raw-fanout dcrf python"
+          [ "$n" -gt "$FANOUT_PYTHON_MAX" ] && servers="raw-fanout dcrf"
+          run_group "fanout-$how-$n" "$servers" fanout /ws/todos/ \
             --connections "$n" --subscribe "$how" --pk 1 --timeout "$FANOUT_TIMEOUT"
         done
       done
