@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
 # Side-by-side benchmarks: the hand-written ceilings (raw-echo, raw-retrieve, raw-fanout),
-# dcrf-demo, and the Python DCRF 1.3 baseline, each server pinned to one CPU and the load generator to another, with the same
-# flags for every server. Results go to bench/results/*.jsonl; bench/report.py then writes
-# the tables into BENCHMARKS.md and draws bench/results/chart.png.
+# dcrf-demo, and the Python DCRF 1.3 baseline, each server pinned to one CPU and the load
+# generator to another, with the same flags for every server. Results go to
+# bench/results/*.jsonl; bench/report.py then writes the goals table and the other tables into
+# BENCHMARKS.md and draws bench/results/chart.png and the curve-*.png plots.
 #
-#   bench/run.sh                         # everything, 10 s per run, SQLite files on both sides
-#   BENCH_DATABASE=postgres bench/run.sh # the same on PostgreSQL (BENCH_PG_URL) on both sides
-#   QUICK=1 bench/run.sh                 # 2 s per run
+#   bench/run.sh                         # everything (see "Run time" in bench/README.md)
+#   BENCH_DATABASE=postgres bench/run.sh # the main groups on PostgreSQL (BENCH_PG_URL)
+#   QUICK=1 bench/run.sh                 # 2 s per run, 1 s per curve point
 #   QUICK=1 SCENARIOS="echo idle" bench/run.sh
 #
 # It refuses to run on a working tree that differs from HEAD (ALLOW_DIRTY=1 overrides, and the
 # report then says so), so that every figure belongs to the commit the report names.
 #
-# Scenarios (SCENARIOS, space-separated): echo retrieve list create patch fanout idle.
+# Scenarios (SCENARIOS, space-separated; all by default, in this order):
+#   echo retrieve list create patch   request/reply at CONNECTIONS connections
+#   fanout                             FANOUT_SUBSCRIBERS x FANOUT_SUBSCRIBE
+#   idle                               IDLE_CONNECTIONS held open (Python: PY_IDLE_CONNECTIONS)
+#   pg                                 retrieve and patch on PostgreSQL (BENCH_PG_URL) for
+#                                      raw-retrieve, dcrf and python, results in pg-*.jsonl;
+#                                      skipped (with a warning, and "not measured" in the
+#                                      report) when that server does not answer, and when
+#                                      BENCH_DATABASE=postgres (the main groups are PG then)
+#   curve-echo curve-retrieve          throughput and latency at each of CURVE_CONNECTIONS
+#                                      (raw, dcrf; python up to CURVE_PYTHON_MAX)
+#   curve-fanout                       fan-out (subscribe_instance) at each of
+#                                      CURVE_SUBSCRIBERS (raw-fanout, dcrf)
+#   curve-idle                         memory per connection at each of CURVE_IDLE (raw, dcrf)
+# Curves go to curve-*.jsonl, one line per (point, server), with the point in "point".
 # Servers (SERVERS): raw dcrf python. raw is the hand-written ceiling of each scenario:
 # dcrf-bench raw-echo for echo and idle, raw-retrieve for retrieve (on a database dcrf-demo has
 # just created and seeded, then stopped), raw-fanout for fanout; list, create and patch have
@@ -22,25 +37,43 @@
 #   DURATION [10; 2 with QUICK=1]  measured seconds per run
 #   WARMUP [1; 0.5 with QUICK=1]   unmeasured seconds before each run
 #   ROWS [1000]                    todos seeded on each server start
-#   CONNECTIONS [50]               connections for echo/retrieve/list/create/patch
+#   CONNECTIONS [50]               connections for echo/retrieve/list/create/patch (and pg)
 #   ECHO_WINDOW [16]               requests in flight per connection for echo
 #   CRUD_WINDOW [1]                requests in flight per connection for the todo scenarios
 #   FANOUT_SUBSCRIBERS ["100 1000 10000"]
 #   FANOUT_SUBSCRIBE ["instance all"]   subscribe_instance and/or subscribe_to_all
+#   FANOUT_PYTHON_MAX [1000]       the Python server runs fan-out only up to this many
+#                                  subscribers: at 10,000 it takes about 10 minutes per run
+#                                  (4 to accept them, 3 to deliver one write) and delivers
+#                                  no write inside the window; FANOUT_PYTHON_MAX=10000 runs it
 #   FANOUT_TIMEOUT [120]           seconds a write may take to reach every subscriber
 #   FANOUT_WARMUP [0]              warm-up for fan-out runs (subscribing is the warm-up; one
 #                                  write to 10,000 subscribers can outlast a short warm-up)
-#   IDLE_CONNECTIONS [10000]
-#   IDLE_TIMEOUT [60]              seconds one handshake may take while 10,000 connect
+#   IDLE_CONNECTIONS [19000]       (the goal's figure; needs ulimit -n of about 19,300)
+#   PY_IDLE_CONNECTIONS [10000; 5000 with QUICK=1]  the Python server's idle run is capped
+#                                  at this many connections (its handshakes slow down with every consumer
+#                                  already connected); the report says so
+#   IDLE_TIMEOUT [60]              seconds one handshake may take while they all connect
+#   CURVE_CONNECTIONS ["1 10 100 1000 10000"]   points of curve-echo and curve-retrieve
+#   CURVE_PYTHON_MAX [1000]        the Python server runs the curve points up to this many
+#                                  connections (0: not at all)
+#   CURVE_WINDOW [1]               requests in flight per connection on the curves (so that
+#                                  connections = requests in flight)
+#   CURVE_SUBSCRIBERS ["10 100 1000 10000"]     points of curve-fanout
+#   CURVE_IDLE ["1000 2000 5000 10000 19000"]   points of curve-idle
+#   CURVE_DURATION [3; 1 with QUICK=1]          measured seconds per curve point
+#   CURVE_WARMUP [0.5]             unmeasured seconds before each curve point (fan-out:
+#                                  FANOUT_WARMUP; idle: the settling time)
 #   SERVER_CPU [0], CLIENT_CPU [1] CPUs for taskset
 #   PORT [18400]                   raw uses PORT, dcrf PORT+1, python PORT+2, raw-retrieve
 #                                  PORT+3, raw-fanout PORT+4
-#   BENCH_DATABASE [sqlite]        the database of both dcrf-demo and Python, created fresh for
-#                                  every server start:
+#   BENCH_DATABASE [sqlite]        the database of both dcrf-demo and Python in the main
+#                                  groups, created fresh for every server start:
 #                                    sqlite: a SQLite file in a temporary directory (WAL, see
 #                                      SQLITE_SYNCHRONOUS), removed at exit;
 #                                    postgres: a database (dcrf_bench_dcrf, dcrf_bench_python)
 #                                      dropped and created again on BENCH_PG_URL
+#                                  The pg group always uses PostgreSQL that way.
 #   BENCH_TMPDIR [$TMPDIR or /tmp] where that temporary directory is made (its filesystem is
 #                                  in the report: on tmpfs an fsync costs nothing)
 #   SQLITE_SYNCHRONOUS [FULL]      Python's PRAGMA synchronous. It must be what dcrf-demo runs
@@ -48,10 +81,12 @@
 #                                  journal_mode=WAL and busy_timeout=5000 only, and sqlx 0.9
 #                                  leaves synchronous at the bundled SQLite's compiled default,
 #                                  FULL. The database probe checks that both sides sync alike.
-#   BENCH_PG_URL [postgres://postgres@127.0.0.1:5432]  PostgreSQL server for BENCH_DATABASE=
-#                                  postgres (no database name; its user may create databases)
-#   DEMO_DATABASE                  overrides dcrf-demo's --database (e.g. sqlite::memory:); the
-#                                  report then says the two sides do not use the same database
+#   BENCH_PG_URL [postgres://postgres@127.0.0.1:5432]  PostgreSQL server for the pg group and
+#                                  BENCH_DATABASE=postgres (no database name; its user may
+#                                  create databases)
+#   DEMO_DATABASE                  overrides dcrf-demo's --database in the main groups (e.g.
+#                                  sqlite::memory:); the report then says the two sides do not
+#                                  use the same database
 #   DB_PROBE [1]                   before the runs, start each server on its fresh database,
 #                                  send creates for 1 s and count its fsync/fdatasync calls per
 #                                  committed write under strace (skipped without strace), and
@@ -61,6 +96,7 @@
 #                                  its numbers belong to no commit
 #   NO_BUILD=1                     skip the build
 #   PROFILE [release]              cargo profile of the binaries (debug: only to try the script)
+#   CARGO_TARGET_DIR [target]      honoured: binaries are taken from $CARGO_TARGET_DIR/PROFILE
 #   RESULTS [bench/results]
 #   REPORT [BENCHMARKS.md]         the file whose generated section is rewritten
 set -euo pipefail
@@ -72,13 +108,20 @@ QUICK="${QUICK:-0}"
 if [ "$QUICK" = 1 ]; then
   DURATION="${DURATION:-2}"
   WARMUP="${WARMUP:-0.5}"
+  CURVE_DURATION="${CURVE_DURATION:-1}"
+  FANOUT_PYTHON_MAX="${FANOUT_PYTHON_MAX:-1000}"
+  PY_IDLE_CONNECTIONS="${PY_IDLE_CONNECTIONS:-5000}"
   MODE=quick
 else
   DURATION="${DURATION:-10}"
   WARMUP="${WARMUP:-1}"
+  CURVE_DURATION="${CURVE_DURATION:-3}"
+  FANOUT_PYTHON_MAX="${FANOUT_PYTHON_MAX:-1000}"
+  PY_IDLE_CONNECTIONS="${PY_IDLE_CONNECTIONS:-10000}"
   MODE=full
 fi
-SCENARIOS="${SCENARIOS:-echo retrieve list create patch fanout idle}"
+DEFAULT_SCENARIOS="echo retrieve list create patch fanout idle pg curve-echo curve-retrieve curve-fanout curve-idle"
+SCENARIOS="${SCENARIOS:-$DEFAULT_SCENARIOS}"
 SERVERS="${SERVERS:-raw dcrf python}"
 ROWS="${ROWS:-1000}"
 CONNECTIONS="${CONNECTIONS:-50}"
@@ -88,8 +131,14 @@ FANOUT_SUBSCRIBERS="${FANOUT_SUBSCRIBERS:-100 1000 10000}"
 FANOUT_SUBSCRIBE="${FANOUT_SUBSCRIBE:-instance all}"
 FANOUT_TIMEOUT="${FANOUT_TIMEOUT:-120}"
 FANOUT_WARMUP="${FANOUT_WARMUP:-0}"
-IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-10000}"
+IDLE_CONNECTIONS="${IDLE_CONNECTIONS:-19000}"
 IDLE_TIMEOUT="${IDLE_TIMEOUT:-60}"
+CURVE_CONNECTIONS="${CURVE_CONNECTIONS:-1 10 100 1000 10000}"
+CURVE_PYTHON_MAX="${CURVE_PYTHON_MAX:-1000}"
+CURVE_WINDOW="${CURVE_WINDOW:-1}"
+CURVE_SUBSCRIBERS="${CURVE_SUBSCRIBERS:-10 100 1000 10000}"
+CURVE_IDLE="${CURVE_IDLE:-1000 2000 5000 10000 19000}"
+CURVE_WARMUP="${CURVE_WARMUP:-0.5}"
 SERVER_CPU="${SERVER_CPU:-0}"
 CLIENT_CPU="${CLIENT_CPU:-1}"
 PORT="${PORT:-18400}"
@@ -103,15 +152,23 @@ DB_PROBE="${DB_PROBE:-1}"
 ALLOW_DIRTY="${ALLOW_DIRTY:-0}"
 RESULTS="${RESULTS:-bench/results}"
 REPORT="${REPORT:-BENCHMARKS.md}"
+for scenario in $SCENARIOS; do
+  case "$scenario" in
+    echo|retrieve|list|create|patch|fanout|idle|pg|curve-echo|curve-retrieve|curve-fanout|curve-idle) ;;
+    *) echo "unknown scenario $scenario (see the header of bench/run.sh)" >&2; exit 2 ;;
+  esac
+done
 case "$BENCH_DATABASE" in
   sqlite|postgres) ;;
   *) echo "BENCH_DATABASE must be sqlite or postgres, not $BENCH_DATABASE" >&2; exit 2 ;;
 esac
 
 PROFILE="${PROFILE:-release}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+TARGET_DIR="${TARGET_DIR%/}"
 case "$PROFILE" in
-  debug|dev) PROFILE=dev; BIN=target/debug ;;
-  *) BIN="target/$PROFILE" ;;
+  debug|dev) PROFILE=dev; BIN="$TARGET_DIR/debug" ;;
+  *) BIN="$TARGET_DIR/$PROFILE" ;;
 esac
 BENCH="$BIN/dcrf-bench"
 DEMO="$BIN/dcrf-demo"
@@ -140,8 +197,10 @@ if ! ulimit -n 65536 2>/dev/null; then
   ulimit -n "$(ulimit -Hn)"
 fi
 log "open files limit: $(ulimit -n)"
-need=$IDLE_CONNECTIONS
-for s in $FANOUT_SUBSCRIBERS; do [ "$s" -gt "$need" ] && need=$s; done
+need=0
+for s in $IDLE_CONNECTIONS $FANOUT_SUBSCRIBERS $CURVE_CONNECTIONS $CURVE_SUBSCRIBERS $CURVE_IDLE; do
+  [ "$s" -gt "$need" ] && need=$s
+done
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt $((need + 256)) ]; then
   log "warning: the open files limit $(ulimit -n) is below the $((need + 256)) the largest run needs"
 fi
@@ -169,11 +228,16 @@ started="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 loadavg="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # Every server start gets a fresh database: SQLite files in this directory, or PostgreSQL
-# databases dropped and created again.
+# databases dropped and created again. RUN_DB is the kind of the runs under way: BENCH_DATABASE,
+# or postgres in the pg group (IN_PG_GROUP=1).
 DBDIR="$(mktemp -d "$BENCH_TMPDIR/dcrf-bench.XXXXXX")"
 DB_FS="$(stat -f -c %T "$DBDIR" 2>/dev/null || echo unknown)"
 DEMO_DB_URL=""
 PY_DB_ENV=()
+RUN_DB="$BENCH_DATABASE"
+IN_PG_GROUP=0
+PG_USED=0
+[ "$BENCH_DATABASE" = postgres ] && PG_USED=1
 
 # pg_recreate NAME: drops database NAME on BENCH_PG_URL and creates it again (psycopg, from
 # the Python baseline's virtualenv).
@@ -192,7 +256,7 @@ EOF
 # fresh_db SERVER: a new, empty database for SERVER's next start; sets DEMO_DB_URL (dcrf) or
 # PY_DB_ENV (python).
 fresh_db() {
-  case "$1:$BENCH_DATABASE" in
+  case "$1:$RUN_DB" in
     dcrf:sqlite)
       rm -f "$DBDIR/dcrf.sqlite3" "$DBDIR/dcrf.sqlite3-wal" "$DBDIR/dcrf.sqlite3-shm"
       DEMO_DB_URL="sqlite://$DBDIR/dcrf.sqlite3?mode=rwc"
@@ -211,24 +275,32 @@ fresh_db() {
       PY_DB_ENV=(DATABASE_URL="$BENCH_PG_URL/dcrf_bench_python")
       ;;
   esac
-  if [ "$1" = dcrf ] && [ -n "$DEMO_DATABASE" ]; then
+  if [ "$1" = dcrf ] && [ -n "$DEMO_DATABASE" ] && [ "$IN_PG_GROUP" = 0 ]; then
     DEMO_DB_URL="$DEMO_DATABASE"
   fi
 }
 
-# sanitize TEXT: the temporary directory and any password out of a URL or command.
+# sanitize TEXT: the temporary directory, the target directory (when CARGO_TARGET_DIR
+# moved it) and any password out of a URL or command.
 sanitize() {
   local t="${1//"$DBDIR"/\$TMPDIR}"
+  if [ "$TARGET_DIR" != target ]; then
+    t="${t//"$TARGET_DIR/"/target/}"
+  fi
   printf '%s' "$t" | sed -E 's#(://[^:/@]+):[^@/]*@#\1:***@#'
 }
 
 SERVER_PID=""
 SERVER_URL=""
 
+# wait_port PORT [LOGFILE]: until the server accepts on PORT and, with LOGFILE, has printed
+# its "listening on" line there (dcrf-demo binds before it migrates and seeds, so an accepting
+# port alone does not mean its database is ready); fails if the server exits first.
 wait_port() {
-  local port=$1 i
+  local port=$1 logfile=${2:-} i
   for i in $(seq 1 300); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    if { [ -z "$logfile" ] || grep -q 'listening on' "$logfile" 2>/dev/null; } \
+      && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       return 0
     fi
     if ! kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -256,7 +328,7 @@ start_server() {
       RUST_LOG=warn taskset -c "$SERVER_CPU" "$DEMO" --bind "127.0.0.1:$port" \
         --database "$DEMO_DB_URL" --seed "$ROWS" >"$logfile" 2>&1 &
       SERVER_PID=$!
-      if ! wait_port "$port"; then
+      if ! wait_port "$port" "$logfile"; then
         log "error: dcrf-demo did not seed the database for raw-retrieve; see $logfile"
         stop_server
         return 1
@@ -289,7 +361,9 @@ start_server() {
   esac
   SERVER_PID=$!
   SERVER_URL="ws://127.0.0.1:$port"
-  if ! wait_port "$port"; then
+  local ready_log="$logfile"
+  [ "$name" = python ] && ready_log=""
+  if ! wait_port "$port" "$ready_log"; then
     log "error: $name did not start; see $logfile"
     stop_server
     return 1
@@ -307,7 +381,7 @@ stop_server() {
 cleanup() {
   stop_server
   rm -rf "$DBDIR"
-  if [ "$BENCH_DATABASE" = postgres ]; then
+  if [ "$PG_USED" = 1 ]; then
     "$PY" - "$BENCH_PG_URL/postgres" <<'EOF' 2>/dev/null || true
 import sys
 import psycopg
@@ -402,11 +476,15 @@ EOF
 }
 
 # bench_one TAG SERVER SCENARIO PATH [FLAGS...]: one run; appends its JSON line (with the
-# server's name and the exact command) to RESULTS/TAG.jsonl.
+# server's name, the database kind of the run, the exact command and, on a curve, the point
+# POINT) to RESULTS/TAG.jsonl. The caller may set POINT (a curve's x value, also in the log
+# files' names) and DURATION / WARMUP (as locals) for this run.
 bench_one() {
   local tag=$1 server=$2 scenario=$3 path=$4
   shift 4
-  if ! start_server "$server" "$tag"; then
+  local point="${POINT:-}" logtag=$tag
+  [ -n "$point" ] && logtag="$tag-$point"
+  if ! start_server "$server" "$logtag"; then
     record_failure "$tag" "$server" "$scenario" "server did not start" ""
     return 0
   fi
@@ -415,24 +493,27 @@ bench_one() {
   local cmd=(taskset -c "$CLIENT_CPU" "$BENCH" "$scenario" --url "$SERVER_URL$path"
     --duration "$DURATION" --warmup "$warmup" --server-pid "$SERVER_PID" --label "$server"
     --json "$@")
-  log "$tag / $server: ${cmd[*]}"
+  log "$logtag / $server: ${cmd[*]}"
   local out err
   out="$(mktemp)"
-  err="$LOGS/$tag-$server.bench.log"
+  err="$LOGS/$logtag-$server.bench.log"
   if "${cmd[@]}" >"$out" 2>"$err"; then
-    "$PY" - "$out" "$RESULTS/$tag.jsonl" "$server" "$MODE" "${cmd[*]}" <<'EOF' || true
+    "$PY" - "$out" "$RESULTS/$tag.jsonl" "$server" "$MODE" "$(sanitize "${cmd[*]}")" \
+      "$RUN_DB" "$point" <<'EOF' || true
 import json, sys
-src, path, server, mode, command = sys.argv[1:6]
+src, path, server, mode, command, database, point = sys.argv[1:8]
 lines = [l for l in open(src).read().splitlines() if l.strip()]
 row = json.loads(lines[-1])
-row.update(server=server, mode=mode, command=command)
+row.update(server=server, mode=mode, command=command, database=database)
+if point:
+    row["point"] = int(point)
 with open(path, "a") as f:
     f.write(json.dumps(row) + "\n")
 EOF
     tail -n1 "$out" | cut -c1-200 >&2
   else
-    log "warning: $tag / $server failed: $(tail -n3 "$err" | tr '\n' ' ')"
-    record_failure "$tag" "$server" "$scenario" "$(tail -n3 "$err")" "${cmd[*]}"
+    log "warning: $logtag / $server failed: $(tail -n3 "$err" | tr '\n' ' ')"
+    record_failure "$tag" "$server" "$scenario" "$(tail -n3 "$err")" "$(sanitize "${cmd[*]}")"
   fi
   grep -i '^warning' "$err" >&2 || true
   rm -f "$out"
@@ -440,24 +521,52 @@ EOF
 }
 
 record_failure() {
-  "$PY" - "$RESULTS/$1.jsonl" "$2" "$3" "$MODE" "$4" "$5" <<'EOF'
+  "$PY" - "$RESULTS/$1.jsonl" "$2" "$3" "$MODE" "$4" "$5" "$RUN_DB" "${POINT:-}" <<'EOF'
 import json, sys
-path, server, scenario, mode, error, command = sys.argv[1:7]
+path, server, scenario, mode, error, command, database, point = sys.argv[1:9]
+row = {"scenario": scenario, "server": server, "label": server, "mode": mode, "failed": True,
+       "error": error.strip(), "command": command, "database": database}
+if point:
+    row["point"] = int(point)
 with open(path, "a") as f:
-    f.write(json.dumps({"scenario": scenario, "server": server, "label": server, "mode": mode,
-                        "failed": True, "error": error.strip(), "command": command}) + "\n")
+    f.write(json.dumps(row) + "\n")
 EOF
 }
 
-# run_group TAG SERVERS SCENARIO PATH [FLAGS...]: the same run against each server.
+# wanted SERVER: whether SERVERS includes SERVER (raw-retrieve and raw-fanout are the raw
+# server of their scenarios).
+wanted() {
+  case " $SERVERS " in *" ${1%%-*} "*) return 0 ;; esac
+  return 1
+}
+
+# run_group TAG SERVERS SCENARIO PATH [FLAGS...]: the same run against each server. With
+# POINT set (a curve), the results are appended to TAG.jsonl rather than replacing it.
 run_group() {
   local tag=$1 servers=$2 scenario=$3 path=$4
   shift 4
-  : >"$RESULTS/$tag.jsonl"
+  [ -z "${POINT:-}" ] && : >"$RESULTS/$tag.jsonl"
   local s
   for s in $servers; do
-    # raw-retrieve and raw-fanout are the raw server of their scenarios.
-    case " $SERVERS " in *" ${s%%-*} "*) bench_one "$tag" "$s" "$scenario" "$path" "$@" ;; esac
+    if wanted "$s"; then bench_one "$tag" "$s" "$scenario" "$path" "$@"; fi
+  done
+}
+
+# curve TAG SERVERS SCENARIO PATH POINTS PYTHON_MAX [FLAGS...]: run_group at every point of
+# POINTS (the number of connections, passed as --connections), each CURVE_DURATION seconds
+# after CURVE_WARMUP; python only up to PYTHON_MAX connections. One file, TAG.jsonl.
+curve() {
+  local tag=$1 servers=$2 scenario=$3 path=$4 points=$5 pymax=$6
+  shift 6
+  : >"$RESULTS/$tag.jsonl"
+  local DURATION=$CURVE_DURATION WARMUP=$CURVE_WARMUP POINT n list s
+  for n in $points; do
+    list=""
+    for s in $servers; do
+      [ "$s" = python ] && [ "$n" -gt "$pymax" ] && continue
+      list="$list $s"
+    done
+    POINT=$n run_group "$tag" "$list" "$scenario" "$path" --connections "$n" "$@"
   done
 }
 
@@ -476,7 +585,36 @@ if [ "$DB_PROBE" = 1 ]; then
   esac
   log "database probe: dcrf $probe_dcrf; python $probe_python"
 fi
-if [ "$BENCH_DATABASE" = postgres ]; then
+# The pg group runs when asked for, when the main groups are not on PostgreSQL already, and
+# when the server at BENCH_PG_URL answers; otherwise it is skipped, visibly (log, meta.json,
+# and "not measured" in the report).
+PG_GROUP="none"
+PG_GROUP_REASON=""
+case " $SCENARIOS " in *" pg "*)
+  if [ "$BENCH_DATABASE" = postgres ]; then
+    PG_GROUP="main"
+    PG_GROUP_REASON="BENCH_DATABASE=postgres: the main groups ran on PostgreSQL"
+  elif pg_err="$("$PY" - "$BENCH_PG_URL/postgres" 2>&1 <<'EOF'
+import sys
+import psycopg
+try:
+    with psycopg.connect(sys.argv[1], connect_timeout=5) as conn:
+        conn.execute("SELECT 1")
+except Exception as e:
+    print(" ".join(str(e).split())[:300])
+    sys.exit(1)
+EOF
+)"; then
+    PG_GROUP="run"
+    PG_USED=1
+  else
+    PG_GROUP="skipped"
+    PG_GROUP_REASON="PostgreSQL at $(sanitize "$BENCH_PG_URL") did not answer ($(sanitize "$(printf '%s' "$pg_err" | tail -n1)"))"
+    log "warning: skipping the pg group: $PG_GROUP_REASON"
+  fi
+  ;;
+esac
+if [ "$PG_USED" = 1 ]; then
   pg_info="$("$PY" - "$BENCH_PG_URL/postgres" <<'EOF' || echo null
 import json, sys
 import psycopg
@@ -497,7 +635,8 @@ fresh_db python
 meta_demo_url="$(sanitize "$DEMO_DB_URL")"
 meta_py_env="$(sanitize "${PY_DB_ENV[*]}")"
 cpu_model="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
-invocation="SCENARIOS=\"$SCENARIOS\" bench/run.sh"
+invocation="bench/run.sh"
+[ "$SCENARIOS" != "$DEFAULT_SCENARIOS" ] && invocation="SCENARIOS=\"$SCENARIOS\" $invocation"
 [ "$BENCH_DATABASE" != sqlite ] && invocation="BENCH_DATABASE=$BENCH_DATABASE $invocation"
 [ "$MODE" = quick ] && invocation="QUICK=1 $invocation"
 [ "$ALLOW_DIRTY" = 1 ] && [ -n "$dirty_files" ] && invocation="ALLOW_DIRTY=1 $invocation"
@@ -510,7 +649,12 @@ M_PROFILE="$PROFILE" M_SCENARIOS="$SCENARIOS" M_INVOCATION="$invocation" \
 M_DB_KIND="$BENCH_DATABASE" M_DB_DEMO_URL="$meta_demo_url" M_DB_DEMO_OVERRIDE="$DEMO_DATABASE" \
 M_DB_PY_ENV="$meta_py_env" M_DB_FS="$DB_FS" M_DB_SYNC="$SQLITE_SYNCHRONOUS" \
 M_PROBE_DCRF="$probe_dcrf" M_PROBE_PYTHON="$probe_python" M_PG="$pg_info" \
-M_DEMO_SQLITE_ID="$demo_sqlite_id" \
+M_DEMO_SQLITE_ID="$demo_sqlite_id" M_PG_GROUP="$PG_GROUP" M_PG_GROUP_REASON="$PG_GROUP_REASON" \
+M_PG_DEMO_URL="$(sanitize "$BENCH_PG_URL/dcrf_bench_dcrf")" \
+M_PG_PY_ENV="$(sanitize "DATABASE_URL=$BENCH_PG_URL/dcrf_bench_python")" \
+M_IDLE="$IDLE_CONNECTIONS" M_PY_IDLE="$PY_IDLE_CONNECTIONS" M_CURVE_DURATION="$CURVE_DURATION" \
+M_CURVE_WARMUP="$CURVE_WARMUP" M_CURVE_WINDOW="$CURVE_WINDOW" M_CURVE_PYMAX="$CURVE_PYTHON_MAX" \
+M_CONNECTIONS="$CONNECTIONS" M_FANOUT_PYMAX="$FANOUT_PYTHON_MAX" \
 "$PY" - "$RESULTS/meta.json" <<'EOF'
 import json, os, sys
 e = os.environ.get
@@ -553,13 +697,36 @@ json.dump({
         "probe": {"dcrf": js("M_PROBE_DCRF"), "python": js("M_PROBE_PYTHON")},
         "postgres": js("M_PG"),
     },
+    "postgres_group": {
+        # run: the pg group ran; skipped: PostgreSQL did not answer; main: BENCH_DATABASE=
+        # postgres (the main groups are the PostgreSQL runs); none: not asked for.
+        "status": e("M_PG_GROUP"),
+        "reason": e("M_PG_GROUP_REASON") or None,
+        "demo_url": e("M_PG_DEMO_URL"),
+        "python_env": e("M_PG_PY_ENV"),
+        "postgres": js("M_PG"),
+    },
+    "connections": int(e("M_CONNECTIONS")),
+    "idle_connections": int(e("M_IDLE")),
+    "python_idle_connections": int(e("M_PY_IDLE")),
+    "fanout_python_max": int(e("M_FANOUT_PYMAX")),
+    "curve": {
+        "duration_s": float(e("M_CURVE_DURATION")),
+        "warmup_s": float(e("M_CURVE_WARMUP")),
+        "window": int(e("M_CURVE_WINDOW")),
+        "python_max_connections": int(e("M_CURVE_PYMAX")),
+    },
     "profile": e("M_PROFILE"),
     "scenarios": e("M_SCENARIOS"),
     "invocation": e("M_INVOCATION"),
 }, open(sys.argv[1], "w"), indent=2)
 EOF
 
+# Run time of each scenario, seconds, for the report (timings.json).
+TIMINGS=()
+run_started=$SECONDS
 for scenario in $SCENARIOS; do
+  t0=$SECONDS
   case "$scenario" in
     echo)
       run_group echo "raw dcrf python" echo /ws/echo/ \
@@ -576,21 +743,84 @@ for scenario in $SCENARIOS; do
     fanout)
       for how in $FANOUT_SUBSCRIBE; do
         for n in $FANOUT_SUBSCRIBERS; do
-          run_group "fanout-$how-$n" "raw-fanout dcrf python" fanout /ws/todos/ \
+          servers="raw-fanout dcrf python"
+          [ "$n" -gt "$FANOUT_PYTHON_MAX" ] && servers="raw-fanout dcrf"
+          run_group "fanout-$how-$n" "$servers" fanout /ws/todos/ \
             --connections "$n" --subscribe "$how" --pk 1 --timeout "$FANOUT_TIMEOUT"
         done
       done
       ;;
     idle)
-      run_group idle "raw dcrf python" idle /ws/echo/ --connections "$IDLE_CONNECTIONS" \
+      # Python's handshakes slow down with every consumer already connected: its run is
+      # capped at PY_IDLE_CONNECTIONS (the report says so).
+      : >"$RESULTS/idle.jsonl"
+      for s in raw dcrf python; do
+        n=$IDLE_CONNECTIONS
+        [ "$s" = python ] && [ "$n" -gt "$PY_IDLE_CONNECTIONS" ] && n=$PY_IDLE_CONNECTIONS
+        if wanted "$s"; then
+          bench_one idle "$s" idle /ws/echo/ --connections "$n" --timeout "$IDLE_TIMEOUT"
+        fi
+      done
+      ;;
+    pg)
+      case "$PG_GROUP" in
+        run)
+          RUN_DB=postgres
+          IN_PG_GROUP=1
+          run_group pg-retrieve "raw-retrieve dcrf python" retrieve /ws/todos/ \
+            --connections "$CONNECTIONS" --window "$CRUD_WINDOW" --rows "$ROWS"
+          run_group pg-patch "dcrf python" patch /ws/todos/ \
+            --connections "$CONNECTIONS" --window "$CRUD_WINDOW" --rows "$ROWS"
+          RUN_DB="$BENCH_DATABASE"
+          IN_PG_GROUP=0
+          ;;
+        *)
+          # No stale PostgreSQL figures in the report.
+          rm -f "$RESULTS/pg-retrieve.jsonl" "$RESULTS/pg-patch.jsonl"
+          log "pg group not run: $PG_GROUP_REASON"
+          ;;
+      esac
+      ;;
+    curve-echo)
+      curve curve-echo "raw dcrf python" echo /ws/echo/ "$CURVE_CONNECTIONS" \
+        "$CURVE_PYTHON_MAX" --window "$CURVE_WINDOW"
+      ;;
+    curve-retrieve)
+      curve curve-retrieve "raw-retrieve dcrf python" retrieve /ws/todos/ "$CURVE_CONNECTIONS" \
+        "$CURVE_PYTHON_MAX" --window "$CURVE_WINDOW" --rows "$ROWS"
+      ;;
+    curve-fanout)
+      curve curve-fanout "raw-fanout dcrf" fanout /ws/todos/ "$CURVE_SUBSCRIBERS" 0 \
+        --subscribe instance --pk 1 --timeout "$FANOUT_TIMEOUT"
+      ;;
+    curve-idle)
+      # --warmup is the settling time before the memory is read, --duration the holding
+      # time after it: one second each is plenty for a curve point.
+      CURVE_WARMUP=1 CURVE_DURATION=1 curve curve-idle "raw dcrf" idle /ws/echo/ "$CURVE_IDLE" 0 \
         --timeout "$IDLE_TIMEOUT"
       ;;
-    *)
-      log "unknown scenario $scenario"
-      exit 2
-      ;;
   esac
+  TIMINGS+=("$scenario=$((SECONDS - t0))")
+  log "$scenario took $((SECONDS - t0)) s"
 done
+log "all scenarios took $((SECONDS - run_started)) s"
+
+# Append this run's timings to the ones already in the file, so that a run of a few scenarios
+# keeps the figures of the others.
+"$PY" - "$RESULTS/timings.json" "$MODE" "$((SECONDS - run_started))" "${TIMINGS[@]}" <<'EOF'
+import json, sys
+path, mode, total = sys.argv[1:4]
+try:
+    data = json.load(open(path))
+except (OSError, ValueError):
+    data = {}
+scen = data.get("scenarios_s", {})
+for kv in sys.argv[4:]:
+    k, v = kv.split("=", 1)
+    scen[k] = int(v)
+data.update(mode=mode, scenarios_s=scen, last_run_s=int(total))
+json.dump(data, open(path, "w"), indent=2)
+EOF
 
 log "writing the report"
 "$PY" bench/report.py --results "$RESULTS" --output "$REPORT"
