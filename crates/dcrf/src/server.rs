@@ -1129,7 +1129,9 @@ pub(crate) async fn handle_text<C: Consumer>(consumer: &mut C, ctx: &Ctx, text: 
         request_id = request_id.map(|r| r.get()),
         status = tracing::field::Empty,
     );
-    let run = run_action(consumer, ctx, &mut frame, action);
+    // Boxed, like the dispatch inside it: otherwise this future carries the action's whole
+    // state, and the wrappers below and the reader's own box copy it on every frame.
+    let run = Box::pin(run_action(consumer, ctx, &mut frame, action));
     let (ran, outcome) =
         crate::metrics::observe(tracing::Instrument::instrument(run, span.clone())).await;
     let label = match ran {
@@ -1174,9 +1176,15 @@ async fn run_action<C: Consumer>(
         return Ran::Denied;
     }
     let frame: &Frame<'_> = frame;
-    let (dispatched, replays) =
-        crate::consumer::with_frame(frame, catch_panic(consumer.dispatch(ctx, action, frame)))
-            .await;
+    // Boxed: the dispatch future is as large as the consumer's largest action, and the
+    // wrappers around it (and the futures of every caller up to the reader) would otherwise
+    // copy it by value on each frame; profiles of `retrieve` showed those copies as the
+    // largest user-space cost.
+    let (dispatched, replays) = crate::consumer::with_frame(
+        frame,
+        catch_panic(Box::pin(consumer.dispatch(ctx, action, frame))),
+    )
+    .await;
     send_replays(consumer, ctx, replays).await;
     match dispatched {
         Ok(Dispatched::Handled) => Ran::Known,

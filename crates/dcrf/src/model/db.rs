@@ -283,16 +283,16 @@ impl Db {
         E: EntityTrait,
         E::ActiveModel: sea_orm::TryIntoModel<E::Model>,
     {
-        let query = query.limit(1);
         #[cfg(feature = "sqlite")]
         if let Some(reads) = &self.sqlite_reads {
+            // Without `LIMIT ?` (the first row is all it reads anyway): SQLite plans a bound
+            // `LIMIT` per value and would prepare the statement again on every run.
             let statement = sea_orm::QueryTrait::build(&query, DbBackend::Sqlite);
-            return match reads.one::<E>(&statement) {
-                Ok(found) => Ok(found),
-                Err(_) => Ok(E::find().from_raw_sql(statement).one(&self.conn).await?),
-            };
+            if let Ok(found) = reads.one::<E>(&statement) {
+                return Ok(found);
+            }
         }
-        Ok(query.one(&self.conn).await?)
+        Ok(query.limit(1).one(&self.conn).await?)
     }
 
     /// The number of rows `query` selects, as [`PaginatorTrait::count`](sea_orm::PaginatorTrait::count)
