@@ -285,7 +285,7 @@ impl Dcrf {
         self
     }
 
-    /// The WebSocket read buffer and write buffer of each connection, in bytes (default 4 KiB
+    /// The WebSocket read buffer and write buffer of each connection, in bytes (default 2 KiB
     /// and 8 KiB). They are what an idle connection costs; tungstenite's defaults (128 KiB
     /// each) make an idle connection ~130 KiB. Both grow on demand for large messages; the
     /// write buffer is flushed after each batch of frames anyway.
