@@ -52,12 +52,13 @@ pub struct Args {
     pub connections: usize,
 
     /// Measured duration in seconds (fractions allowed). For `idle`: how long the connections
-    /// are held open after the server's memory is read.
+    /// are held open after the server's memory is read (after the echo round).
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub duration: f64,
 
     /// Seconds of load before measuring starts (not measured). For `idle`: the settling time
-    /// between opening the last connection and reading the server's memory.
+    /// between opening the last connection and reading the server's memory (and again between
+    /// the last echo reply and the second reading).
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub warmup: f64,
 
@@ -126,9 +127,15 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub connect_concurrency: usize,
 
-    /// `echo` only: length in bytes of the `x` string sent with every echo request.
+    /// `echo` and `idle`: length in bytes of the `x` string sent with every echo request.
     #[arg(long, value_name = "BYTES", default_value_t = 16)]
     pub payload: usize,
+
+    /// `idle` only: hold the connections without the echo round (by default, once the idle
+    /// memory is read, every connection sends one echo request and waits for its reply, and
+    /// the memory is read again).
+    #[arg(long)]
+    pub no_echo: bool,
 
     /// Seconds to wait for outstanding replies after the run (they count as lost and as
     /// errors after that, and their latency as censored), for a handshake or subscription
@@ -155,7 +162,8 @@ pub enum Scenario {
     /// delay from the write to each subscriber's push.
     Fanout,
     /// Opens `--connections` connections and holds them; reports the server's memory per
-    /// connection (needs `--server-pid`).
+    /// connection (needs `--server-pid`); then each connection sends one `echo` request
+    /// (`echoed` counts the replies) and the memory is read again.
     Idle,
     /// A subscriber misses `--missed` pushes and resumes with `since`; measures the time from
     /// the resubscribe to the last recovered push (on /ws/todos/).

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 /// Serves the echo server on `bind` (on any path) until the process is stopped.
 pub async fn serve(bind: &str) -> std::io::Result<()> {
-    let listener = TcpListener::bind(bind).await?;
+    let listener = listen(bind).await?;
     println!(
         "dcrf-bench raw-echo listening on {}",
         listener.local_addr()?
@@ -21,6 +21,29 @@ pub async fn serve(bind: &str) -> std::io::Result<()> {
     });
     let app = Router::new().fallback(upgrade);
     axum::serve(listener, app).await
+}
+
+/// The accept queue asked for, as `dcrf-demo` does (the kernel caps it at
+/// `net.core.somaxconn`); `TcpListener::bind` asks for 128, which thousands of handshakes at
+/// once overflow.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on the first address `bind` resolves to, with [`LISTEN_BACKLOG`].
+async fn listen(bind: &str) -> std::io::Result<TcpListener> {
+    let addr = tokio::net::lookup_host(bind).await?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("no address for {bind}"),
+        )
+    })?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn upgrade(ws: WebSocketUpgrade) -> Response {

@@ -359,6 +359,32 @@ pub struct Report {
     /// `idle`: handshakes completed per second while connecting.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connects_per_s: Option<f64>,
+    /// `idle`: connections whose one echo request (sent once all were open and the idle
+    /// memory was read) got a 2xx reply. Absent with `--no-echo`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echoed: Option<u64>,
+    /// `idle`: echo requests answered with another status (counted in `errors`, as are
+    /// echoes never answered, which are also `lost`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo_errors: Option<u64>,
+    /// `idle`: seconds from sending every connection's echo request to the last reply (or to
+    /// giving up after `--timeout`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo_s: Option<f64>,
+    /// `idle`: median echo latency, µs (all connections sending at once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo_p50_us: Option<f64>,
+    /// `idle`: 99th percentile echo latency, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub echo_p99_us: Option<f64>,
+    /// `idle`: server VmRSS after every connection echoed once (and settled `--warmup`
+    /// seconds), KiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_rss_echoed_kib: Option<u64>,
+    /// `idle`: (`server_rss_echoed_kib` − `server_rss_before_kib`) / open connections, KiB:
+    /// what a connection costs once it has been used (`rss_per_conn_kib` is before its echo).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rss_per_conn_echoed_kib: Option<f64>,
     /// Generator VmRSS at the end, KiB.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_rss_kib: Option<u64>,
@@ -408,6 +434,17 @@ impl Report {
         self.p999_us = us(h.value_at_quantile(0.999));
         self.max_us = us(h.max());
         self.mean_us = (h.mean() / 100.0).round() / 10.0;
+    }
+
+    /// Fills the `idle` echo latency fields from a recorder.
+    pub fn set_echo_latency(&mut self, r: &Recorder) {
+        let us = |ns: u64| (ns as f64 / 100.0).round() / 10.0;
+        let h = r.merged();
+        if h.is_empty() {
+            return;
+        }
+        self.echo_p50_us = Some(us(h.value_at_quantile(0.50)));
+        self.echo_p99_us = Some(us(h.value_at_quantile(0.99)));
     }
 
     /// Fills the counters.
@@ -514,6 +551,13 @@ impl Report {
             "server_rss_before_kib",
             "server_rss_kib",
             "rss_per_conn_kib",
+            "echoed",
+            "echo_errors",
+            "echo_s",
+            "echo_p50_us",
+            "echo_p99_us",
+            "server_rss_echoed_kib",
+            "rss_per_conn_echoed_kib",
             "client_rss_kib",
             "client_cpu_pct",
             "client_cores",

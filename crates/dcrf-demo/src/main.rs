@@ -55,7 +55,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let args = Args::parse();
-    let listener = tokio::net::TcpListener::bind(&args.bind).await?;
+    let listener = listen(&args.bind).await?;
     let addr = listener.local_addr()?;
     if let Err(refusal) = check_jwt_secret(&args.jwt_secret, addr) {
         tracing::error!("{refusal}");
@@ -115,4 +115,28 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     async {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// The accept queue asked for: the kernel caps it at `net.core.somaxconn` (4,096 on recent
+/// kernels). `TcpListener::bind` asks for 128, which a burst of handshakes (clients coming back
+/// after a restart) overflows: the kernel then drops SYNs and clients retry after 1, 3, 7 s.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on the first address `bind` resolves to, with [`LISTEN_BACKLOG`].
+async fn listen(bind: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = tokio::net::lookup_host(bind).await?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("no address for {bind}"),
+        )
+    })?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted server may bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

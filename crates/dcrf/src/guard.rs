@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::auth::Authenticator;
 use crate::consumer::subscriptions::SubscriptionBudget;
@@ -28,6 +28,10 @@ pub const CLOSE_TOKEN_EXPIRED: u16 = 4401;
 /// The close code sent to a peer that stopped answering pings (1011, as other servers do for a
 /// keepalive timeout).
 pub const CLOSE_KEEPALIVE_TIMEOUT: u16 = 1011;
+
+/// [`Guard`]'s expiry of a credential that does not expire. (A watch channel would do, at
+/// ten times the size, for every socket.)
+const NO_EXPIRY: u64 = u64::MAX;
 
 /// The caps of one socket, copied from [`Dcrf`](crate::Dcrf) when it opens.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +51,10 @@ pub(crate) struct Guard {
     limits: SocketLimits,
     detached: AtomicUsize,
     auth: Arc<dyn Authenticator>,
-    expiry: watch::Sender<Option<u64>>,
+    /// The credential's expiry, in seconds since the Unix epoch ([`NO_EXPIRY`]: none).
+    expiry: AtomicU64,
+    /// Woken when a refresh moves the expiry.
+    expiry_moved: Notify,
     start: Instant,
     /// When a frame last arrived, in milliseconds since `start`.
     seen_ms: AtomicU64,
@@ -64,7 +71,7 @@ impl std::fmt::Debug for Guard {
         f.debug_struct("Guard")
             .field("limits", &self.limits)
             .field("detached", &self.detached)
-            .field("expiry", &*self.expiry.borrow())
+            .field("expiry", &self.expiry.load(Ordering::Acquire))
             .finish_non_exhaustive()
     }
 }
@@ -79,7 +86,8 @@ impl Guard {
             limits,
             detached: AtomicUsize::new(0),
             auth,
-            expiry: watch::Sender::new(expires_at),
+            expiry: AtomicU64::new(expires_at.unwrap_or(NO_EXPIRY)),
+            expiry_moved: Notify::new(),
             start: Instant::now(),
             seen_ms: AtomicU64::new(0),
             throttle: limits
@@ -130,7 +138,9 @@ impl Guard {
 
     /// Moves the credential's expiry (a refresh).
     pub(crate) fn set_expiry(&self, expires_at: Option<u64>) {
-        self.expiry.send_replace(expires_at);
+        self.expiry
+            .store(expires_at.unwrap_or(NO_EXPIRY), Ordering::Release);
+        self.expiry_moved.notify_waiters();
     }
 
     /// The socket's subscription cap, for the subscriptions of each of its streams.
@@ -204,14 +214,16 @@ impl Guard {
     /// Completes when the connection's credential expires; never when it has no expiry. A
     /// refresh moves the deadline.
     pub(crate) async fn credential_expired(&self) {
-        let mut rx = self.expiry.subscribe();
         loop {
-            let expiry = *rx.borrow_and_update();
-            let Some(exp) = expiry else {
-                // The sender lives as long as `self`: `changed` cannot fail while we wait.
-                let _ = rx.changed().await;
+            // Registered before the expiry is read, so a refresh in between is not missed.
+            let moved = self.expiry_moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            let exp = self.expiry.load(Ordering::Acquire);
+            if exp == NO_EXPIRY {
+                moved.await;
                 continue;
-            };
+            }
             let wait = (UNIX_EPOCH + Duration::from_secs(exp))
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);
@@ -220,7 +232,7 @@ impl Guard {
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = rx.changed() => {}
+                _ = moved => {}
             }
         }
     }

@@ -64,7 +64,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, Request};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use futures_util::{SinkExt, StreamExt};
@@ -285,7 +285,7 @@ impl Dcrf {
         self
     }
 
-    /// The WebSocket read buffer and write buffer of each connection, in bytes (default 4 KiB
+    /// The WebSocket read buffer and write buffer of each connection, in bytes (default 2 KiB
     /// and 8 KiB). They are what an idle connection costs; tungstenite's defaults (128 KiB
     /// each) make an idle connection ~130 KiB. Both grow on demand for large messages; the
     /// write buffer is flushed after each batch of frames anyway.
@@ -508,7 +508,7 @@ impl Dcrf {
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0),
-            headers: parts.headers,
+            headers: owned_headers(parts.headers),
         };
         Ok((ws, scope, self.guard(expires_at)))
     }
@@ -557,8 +557,12 @@ impl Dcrf {
                 use tracing::Instrument;
                 let span =
                     tracing::info_span!("connection", connection_id = session.connection_id());
+                // Split here, not in the task: the task's future then holds the two halves, not
+                // room for the whole socket for the connection's life.
+                let (sink, stream) = socket.split();
                 tracker.track_future(
-                    run_connection(socket, session, queues, shutdown, slow_closes).instrument(span),
+                    run_connection(sink, stream, session, queues, shutdown, slow_closes)
+                        .instrument(span),
                 )
             })
     }
@@ -579,6 +583,41 @@ impl Dcrf {
             None => same_origin(origin, parts),
         }
     }
+}
+
+/// The handshake's headers with values of their own. hyper's parsed values are slices of the
+/// buffer the request head was read into (8 KiB at least); the scope lives as long as the
+/// connection, and keeping those slices would keep that whole buffer for as long: most of what
+/// an idle connection cost. The copy is one allocation of the values' bytes, which every value
+/// shares.
+fn owned_headers(headers: HeaderMap) -> HeaderMap {
+    let mut pairs = Vec::with_capacity(headers.len());
+    let mut name = None;
+    for (next, value) in headers {
+        // `into_iter` names a header once, then gives its further values without a name.
+        if next.is_some() {
+            name = next;
+        }
+        if let Some(name) = &name {
+            pairs.push((name.clone(), value));
+        }
+    }
+    let mut bytes = Vec::with_capacity(pairs.iter().map(|(_, v)| v.len()).sum());
+    for (_, value) in &pairs {
+        bytes.extend_from_slice(value.as_bytes());
+    }
+    let bytes = axum::body::Bytes::from(bytes);
+    let mut owned = HeaderMap::with_capacity(pairs.len());
+    let mut at = 0;
+    for (name, value) in pairs {
+        let end = at + value.len();
+        let mut copy =
+            HeaderValue::from_maybe_shared(bytes.slice(at..end)).unwrap_or(value.clone());
+        at = end;
+        copy.set_sensitive(value.is_sensitive());
+        owned.append(name, copy);
+    }
+    owned
 }
 
 /// Does an `Origin` (`scheme://host[:port]`) name the request's own `Host`?
@@ -774,7 +813,8 @@ pub(crate) fn binary_error() -> ApiError {
 }
 
 async fn run_connection<S: Session>(
-    socket: WebSocket,
+    sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
     mut session: S,
     queues: Queues,
     shutdown: CancellationToken,
@@ -788,7 +828,6 @@ async fn run_connection<S: Session>(
         guard,
     } = queues;
     let _open = crate::metrics::connection_opened();
-    let (sink, mut stream) = socket.split();
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     let sent = guard.metrics().sent.clone();
     let mut writer = tokio::spawn(write_loop(sink, rx, close_rx, guard.ping_interval(), sent));

@@ -52,6 +52,11 @@ impl Demo {
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
+
+    /// The server's resident memory, in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib_of(&format!("/proc/{}/status", self.child.id()))
+    }
 }
 
 impl Drop for Demo {
@@ -229,7 +234,12 @@ impl Drop for RedisServer {
 
 /// This process's resident memory, in KiB (Linux).
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_kib_of("/proc/self/status")
+}
+
+/// The resident memory in a `/proc/PID/status` file, in KiB (0 if it cannot be read).
+fn rss_kib_of(status: &str) -> u64 {
+    std::fs::read_to_string(status)
         .ok()
         .and_then(|s| {
             s.lines()
