@@ -30,7 +30,6 @@ use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
 use crate::raw_retrieve::write_row;
@@ -64,7 +63,7 @@ struct Hub {
 
 /// Serves raw-fanout on `bind` (on any path) until the process is stopped.
 pub async fn serve(bind: &str) -> std::io::Result<()> {
-    let listener = TcpListener::bind(bind).await?;
+    let listener = crate::raw_echo::listen(bind).await?;
     println!(
         "dcrf-bench raw-fanout listening on {}",
         listener.local_addr()?
@@ -79,7 +78,7 @@ pub async fn serve(bind: &str) -> std::io::Result<()> {
 }
 
 async fn upgrade(State(hub): State<Arc<Hub>>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| connection(socket, hub))
+    crate::raw_echo::sized(ws).on_upgrade(move |socket| connection(socket, hub))
 }
 
 /// The fields of a request that matter.

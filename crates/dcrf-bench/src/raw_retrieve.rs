@@ -35,7 +35,6 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use tokio::net::TcpListener;
 
 /// The point query, the same on both databases but for the placeholder.
 const SQLITE_QUERY: &str = "SELECT id, title, done, owner FROM todo WHERE id = ?1";
@@ -62,7 +61,7 @@ thread_local! {
 /// `postgres://` URL) until the process is stopped.
 pub async fn serve(bind: &str, database: &str) -> Result<(), String> {
     let backend = connect(database).await?;
-    let listener = TcpListener::bind(bind)
+    let listener = crate::raw_echo::listen(bind)
         .await
         .map_err(|e| format!("cannot listen on {bind}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -126,7 +125,7 @@ fn open_sqlite(path: &str) -> rusqlite::Result<Connection> {
 }
 
 async fn upgrade(State(backend): State<Backend>, ws: WebSocketUpgrade) -> Response {
-    ws.on_upgrade(move |socket| serve_socket(socket, backend))
+    crate::raw_echo::sized(ws).on_upgrade(move |socket| serve_socket(socket, backend))
 }
 
 /// The fields of a request that matter.
