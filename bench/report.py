@@ -845,7 +845,7 @@ def curves_text(curves, meta, charts):
         f"{fmt(c.get('python_max_connections'))} connections (its connection set-up grows with "
         "the consumers already connected). Fan-out: `subscribe_instance` subscribers of row 1 "
         "and one closed-loop writer, dcrf-demo against raw-fanout. Memory: idle connections "
-        "held open, dcrf-demo against raw-echo (axum's default buffers)."
+        "held open, dcrf-demo against raw-echo (both with dcrf's 2 KiB / 8 KiB socket buffers)."
     ]
     for tag, scenario in (("curve-echo", "echo"), ("curve-retrieve", "retrieve")):
         rows = curves.get(tag)
