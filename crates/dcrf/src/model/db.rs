@@ -272,8 +272,8 @@ impl Db {
         self.sqlite_reads.as_ref()
     }
 
-    /// The first row of `query` (with `LIMIT 1`), as [`Select::one`] on [`conn`](Self::conn)
-    /// would return it. On a SQLite database file opened by [`connect`](Self::connect) it runs
+    /// The first row of `query` (with `LIMIT 1`), as [`Select::one`](sea_orm::Select::one) on
+    /// [`conn`](Self::conn) would return it. On a SQLite database file opened by [`connect`](Self::connect) it runs
     /// inline on this thread's read-only connection, with its statement prepared once (no
     /// hop to sqlx's connection thread, no pool checkout); any other database, and any query
     /// that path cannot read (a column type it does not decode, a busy file), goes through
