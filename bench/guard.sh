@@ -56,7 +56,7 @@ BIN="${CARGO_TARGET_DIR:-target}/release"
 BENCH="$BIN/dcrf-bench"
 DEMO="$BIN/dcrf-demo"
 
-log() { echo "[guard] $*" >&2; }
+log() { echo "[guard +${SECONDS}s] $*" >&2; }
 
 for tool in taskset jq python3; do
   if ! command -v "$tool" >/dev/null; then

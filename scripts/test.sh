@@ -10,6 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Where the time goes: each stage's end, in seconds since the start.
+mark() { echo "[test.sh] at ${SECONDS} s: $*" >&2; }
+
 services="$(bash scripts/services.sh)"
 eval "$services"
 if [[ -n "${DATABASE_URL:-}" ]]; then
@@ -38,7 +41,9 @@ else
   [[ -z "${REDIS_URL:-}" ]] && skip_args+=(--skip redis)
   cargo test --workspace --no-fail-fast -- "${skip_args[@]}"
 fi
+mark "Rust tests"
 cargo test --workspace --doc
+mark "doc tests"
 
 # The real JS client (dcrf-client 0.3.0) against the demo server, then the TypeScript client
 # (clients/typescript: its types, the page bundle against its sources, its suite) and the todo
@@ -46,13 +51,17 @@ cargo test --workspace --doc
 # PostgreSQL with the Redis layer.
 cargo build -p dcrf-demo
 export DCRF_DEMO_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/dcrf-demo"
+mark "dcrf-demo build"
 (cd tests/acceptance && npm ci --no-audit --no-fund && npm test)
+mark "acceptance suite"
 (cd clients/typescript && npm ci --no-audit --no-fund && npm run typecheck && npm run check:page && npm test)
+mark "TypeScript client suite"
 if [[ ! -x /usr/bin/chromium && "${CI:-}" == "true" ]]; then
   echo "error: /usr/bin/chromium is missing; CI needs it for the browser suite" >&2
   exit 1
 fi
 (cd tests/browser && npm ci --no-audit --no-fund && npm test)
+mark "browser suite"
 if [[ -n "${DATABASE_URL:-}" && -n "${REDIS_URL:-}" ]]; then
   schemas=("dcrf_accept_$$" "dcrf_ts_$$" "dcrf_browser_$$")
   for schema in "${schemas[@]}"; do psql "$DATABASE_URL" -qc "create schema $schema"; done
@@ -64,6 +73,7 @@ if [[ -n "${DATABASE_URL:-}" && -n "${REDIS_URL:-}" ]]; then
     DCRF_TEST_DATABASE_URL="$(on_schema "dcrf_ts_$$")" DCRF_TEST_LAYER="$REDIS_URL" npm test)
   (cd tests/browser &&
     DCRF_TEST_DATABASE_URL="$(on_schema "dcrf_browser_$$")" DCRF_TEST_LAYER="$REDIS_URL" npm test)
+  mark "the three suites on PostgreSQL + Redis"
 else
   echo "SKIPPED: acceptance, TypeScript client and browser suites on PostgreSQL + Redis (DATABASE_URL or REDIS_URL unset)"
 fi
