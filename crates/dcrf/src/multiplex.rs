@@ -163,7 +163,7 @@ impl Demultiplexer {
     #[doc(hidden)]
     pub async fn local(&self) -> LocalDemux {
         let (out, rx) = Outbox::new(1024, usize::MAX);
-        let (inbox, events) = tokio::sync::mpsc::channel(1024);
+        let (inbox, events) = flume::bounded(1024);
         let link = Link {
             out,
             inbox,
@@ -189,8 +189,8 @@ impl Demultiplexer {
 #[doc(hidden)]
 pub struct LocalDemux {
     session: MuxSession,
-    rx: tokio::sync::mpsc::Receiver<crate::consumer::Outbound>,
-    _events: tokio::sync::mpsc::Receiver<crate::channel::Delivery>,
+    rx: flume::Receiver<crate::consumer::Outbound>,
+    _events: flume::Receiver<crate::channel::Delivery>,
 }
 
 #[cfg(feature = "testing")]

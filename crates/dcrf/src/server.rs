@@ -69,7 +69,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -516,7 +515,7 @@ impl Dcrf {
     /// The queues of one socket, and the link its contexts send through.
     pub(crate) fn link(&self, stream: Option<Arc<str>>, guard: Arc<Guard>) -> (Link, Queues) {
         let (out, rx) = Outbox::new(self.outbound_queue, self.outbound_bytes);
-        let (inbox_tx, inbox) = mpsc::channel(self.event_queue);
+        let (inbox_tx, inbox) = flume::bounded(self.event_queue);
         let kick = CancellationToken::new();
         let lag = Arc::new(Lag::new(self.slow_client_timeout, self.event_queue_bytes));
         (
@@ -689,8 +688,8 @@ where
 
 /// The receiving ends of a socket's queues, its kick switch and its guard.
 pub(crate) struct Queues {
-    rx: mpsc::Receiver<Outbound>,
-    inbox: mpsc::Receiver<Delivery>,
+    rx: flume::Receiver<Outbound>,
+    inbox: flume::Receiver<Delivery>,
     lag: Arc<Lag>,
     kick: CancellationToken,
     guard: Arc<Guard>,
@@ -814,7 +813,7 @@ pub(crate) fn binary_error() -> ApiError {
 
 async fn run_connection<S: Session>(
     sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    stream: futures_util::stream::SplitStream<WebSocket>,
     mut session: S,
     queues: Queues,
     shutdown: CancellationToken,
@@ -822,26 +821,64 @@ async fn run_connection<S: Session>(
 ) {
     let Queues {
         rx,
-        mut inbox,
+        inbox,
         lag,
-        kick: kicked,
+        kick,
         guard,
     } = queues;
     let _open = crate::metrics::connection_opened();
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     let sent = guard.metrics().sent.clone();
+    // The writer is a task of its own: one future of this task polled beside the reader served
+    // the median reply sooner but the slowest ones later (measured in BENCHMARKS.md), and it
+    // saved no memory, the writer's state moving into this task.
     let mut writer = tokio::spawn(write_loop(sink, rx, close_rx, guard.ping_interval(), sent));
+    let close = read_loop(stream, &mut session, inbox, &lag, &kick, &guard, &shutdown).await;
+    session.finish().await;
+    let (code, reason) = close.unwrap_or((1000, ""));
+    if code == 1013 {
+        slow_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::count(crate::metrics::SLOW_CLIENT_CLOSES_TOTAL);
+    }
+    let _ = close_tx.send(CloseFrame {
+        code,
+        reason: reason.into(),
+    });
+    // The session's outbox senders go with it: the writer drains the queue, then closes.
+    drop(session);
+    // A client that stopped reading may never take the last frames: give up after a moment.
+    if tokio::time::timeout(CLOSE_TIMEOUT, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// Reads and handles frames, events and catch-ups until the connection is to end; returns the
+/// close frame to send, if any.
+async fn read_loop<S: Session>(
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    session: &mut S,
+    inbox: flume::Receiver<Delivery>,
+    lag: &Lag,
+    kicked: &CancellationToken,
+    guard: &Guard,
+    shutdown: &CancellationToken,
+) -> Option<(u16, &'static str)> {
     // Keepalive and credential expiry: one timer each for the whole connection.
     let ended = guard.ended();
     tokio::pin!(ended);
-    // The close frame to send when the loop ends, if any.
-    let close: Option<(u16, &str)> = loop {
+    // One receiving future for the connection's life: it stays registered with the channel
+    // while the loop handles frames, instead of registering anew for each.
+    let mut inbox = inbox.into_stream();
+    loop {
         let work = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Some((1001, "server shutting down")),
-            _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
-            end = &mut ended => break Some(end),
-            Some((member, event)) = inbox.recv() => {
+            _ = shutdown.cancelled() => return Some((1001, "server shutting down")),
+            _ = kicked.cancelled() => return Some((1013, "too slow: subscription events dropped")),
+            end = &mut ended => return Some(end),
+            Some((member, event)) = inbox.next() => {
                 lag.dequeued(&event);
                 Work::Event(member, event)
             }
@@ -874,30 +911,11 @@ async fn run_connection<S: Session>(
         // or once it has been behind for its slow-client timeout.
         tokio::select! {
             biased;
-            _ = kicked.cancelled() => break Some((1013, "too slow: subscription events dropped")),
-            _ = lag.stuck() => break Some((1013, "too slow: subscription events dropped")),
-            end = &mut ended => break Some(end),
-            end = step => if let Some(close) = end { break close },
+            _ = kicked.cancelled() => return Some((1013, "too slow: subscription events dropped")),
+            _ = lag.stuck() => return Some((1013, "too slow: subscription events dropped")),
+            end = &mut ended => return Some(end),
+            end = step => if let Some(close) = end { return close },
         }
-    };
-
-    session.finish().await;
-    let (code, reason) = close.unwrap_or((1000, ""));
-    if code == 1013 {
-        slow_closes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        crate::metrics::count(crate::metrics::SLOW_CLIENT_CLOSES_TOTAL);
-    }
-    let _ = close_tx.send(CloseFrame {
-        code,
-        reason: reason.into(),
-    });
-    drop(session);
-    // A client that stopped reading may never take the last frames: give up after a moment.
-    if tokio::time::timeout(CLOSE_TIMEOUT, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
     }
 }
 
@@ -933,7 +951,7 @@ fn close_for_error(e: axum::Error) -> Option<(u16, &'static str)> {
 /// silent, see [`Dcrf::pong_timeout`]).
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<Outbound>,
+    rx: flume::Receiver<Outbound>,
     close: tokio::sync::oneshot::Receiver<CloseFrame>,
     ping_interval: Option<Duration>,
     sent: ::metrics::Counter,
@@ -942,9 +960,10 @@ async fn write_loop(
     // The outbound bytes of the frames being written, given back once they are flushed (one
     // buffer for the connection's life: no allocation per flush).
     let mut written = Vec::new();
+    let mut queued = rx.stream();
     loop {
         let first = tokio::select! {
-            first = rx.recv() => first,
+            first = queued.next() => first,
             _ = pings.tick() => {
                 if sink.send(Message::Ping(Default::default())).await.is_err() {
                     return;

@@ -478,8 +478,8 @@ macro_rules! backend_tests {
 pub struct LocalConnection<C> {
     consumer: C,
     ctx: crate::consumer::Ctx,
-    rx: tokio::sync::mpsc::Receiver<crate::consumer::Outbound>,
-    inbox: tokio::sync::mpsc::Receiver<crate::channel::Delivery>,
+    rx: flume::Receiver<crate::consumer::Outbound>,
+    inbox: flume::Receiver<crate::channel::Delivery>,
 }
 
 impl<C: crate::consumer::Consumer> LocalConnection<C> {
@@ -491,7 +491,7 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
     /// A connection with a given scope.
     pub fn with_scope(consumer: C, scope: crate::scope::Scope) -> Self {
         let (out, rx) = crate::consumer::Outbox::new(1024, usize::MAX);
-        let (inbox_tx, inbox) = tokio::sync::mpsc::channel(1024);
+        let (inbox_tx, inbox) = flume::bounded(1024);
         let permissions = consumer.permissions().unwrap_or_default();
         let link = crate::consumer::Link {
             out,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{GroupMessage, Object};
@@ -20,7 +20,7 @@ pub(crate) type Delivery = (u64, Arc<GroupMessage>);
 #[derive(Debug, Clone)]
 pub(crate) struct Member {
     pub(crate) id: u64,
-    pub(crate) inbox: mpsc::Sender<Delivery>,
+    pub(crate) inbox: flume::Sender<Delivery>,
     pub(crate) lag: Arc<Lag>,
     pub(crate) kick: CancellationToken,
 }
@@ -167,14 +167,11 @@ impl Hub {
                 }
                 sent
             } else {
-                Err(mpsc::error::TrySendError::Full((
-                    member.id,
-                    message.clone(),
-                )))
+                Err(flume::TrySendError::Full((member.id, message.clone())))
             };
             match sent {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(flume::TrySendError::Full(_)) => {
                     // Dropped here, read back from history by the connection's catch-up.
                     if member.lag.dropped() && !member.kick.is_cancelled() {
                         tracing::warn!(
@@ -185,7 +182,7 @@ impl Hub {
                         member.kick.cancel();
                     }
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(flume::TrySendError::Disconnected(_)) => {}
             }
         }
     }
@@ -269,8 +266,8 @@ mod tests {
     use super::*;
     use serde_json::value::RawValue;
 
-    fn member(id: u64, capacity: usize) -> (Member, mpsc::Receiver<Delivery>) {
-        let (inbox, rx) = mpsc::channel(capacity);
+    fn member(id: u64, capacity: usize) -> (Member, flume::Receiver<Delivery>) {
+        let (inbox, rx) = flume::bounded(capacity);
         let member = Member {
             id,
             inbox,
@@ -310,8 +307,8 @@ mod tests {
     #[test]
     fn deliver_reaches_members_of_the_group_only() {
         let hub = Hub::default();
-        let (a, mut ra) = member(1, 4);
-        let (b, mut rb) = member(2, 4);
+        let (a, ra) = member(1, 4);
+        let (b, rb) = member(2, 4);
         hub.add(&"g".into(), &a);
         hub.add(&"h".into(), &b);
         hub.deliver(message("g"));
@@ -326,7 +323,7 @@ mod tests {
     fn a_full_inbox_marks_the_member_behind_then_kicks_it_if_it_stays_behind() {
         let hub = Hub::default();
         let (slow, _rs) = member(1, 1);
-        let (fast, mut rf) = member(2, 8);
+        let (fast, rf) = member(2, 8);
         hub.add(&"g".into(), &slow);
         hub.add(&"g".into(), &fast);
         hub.deliver(message("g"));

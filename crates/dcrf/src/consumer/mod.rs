@@ -14,7 +14,7 @@ use axum::extract::ws::{CloseFrame, Utf8Bytes};
 use axum::http::StatusCode;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -216,7 +216,7 @@ impl<E: Into<ApiError>> IntoActionResult for Result<(), E> {
 #[derive(Debug, Clone)]
 pub(crate) struct Link {
     pub(crate) out: Outbox,
-    pub(crate) inbox: mpsc::Sender<Delivery>,
+    pub(crate) inbox: flume::Sender<Delivery>,
     pub(crate) lag: Arc<Lag>,
     pub(crate) kick: CancellationToken,
     pub(crate) stream: Option<Arc<str>>,
@@ -248,15 +248,15 @@ pub(crate) enum Outbound {
 /// of it). A sender that finds it full waits: backpressure on whatever produces the frames.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    tx: mpsc::Sender<Outbound>,
+    tx: flume::Sender<Outbound>,
     bytes: Arc<Semaphore>,
     max_bytes: u32,
 }
 
 impl Outbox {
     /// A queue of `frames` frames and `bytes` bytes, and its receiving end.
-    pub(crate) fn new(frames: usize, bytes: usize) -> (Outbox, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(frames.max(1));
+    pub(crate) fn new(frames: usize, bytes: usize) -> (Outbox, flume::Receiver<Outbound>) {
+        let (tx, rx) = flume::bounded(frames.max(1));
         let max_bytes = u32::try_from(bytes.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
         let outbox = Outbox {
             tx,
@@ -278,7 +278,7 @@ impl Outbox {
             .await
             .map_err(|_| Closed)?;
         self.tx
-            .send(Outbound::Text(text, permit))
+            .send_async(Outbound::Text(text, permit))
             .await
             .map_err(|_| Closed)
     }
@@ -286,7 +286,7 @@ impl Outbox {
     /// Queues a close frame (after the frames already queued).
     pub(crate) async fn send_close(&self, frame: CloseFrame) -> Result<(), Closed> {
         self.tx
-            .send(Outbound::Close(frame))
+            .send_async(Outbound::Close(frame))
             .await
             .map_err(|_| Closed)
     }
@@ -311,7 +311,7 @@ struct CtxInner {
     tasks: TaskTracker,
     cancel: CancellationToken,
     extensions: std::sync::Mutex<axum::http::Extensions>,
-    inbox: mpsc::Sender<Delivery>,
+    inbox: flume::Sender<Delivery>,
     lag: Arc<Lag>,
     kick: CancellationToken,
     stream: Option<Arc<str>>,

@@ -8,15 +8,15 @@ use std::time::Duration;
 use sea_orm::sea_query::value::sea_value_to_json_value;
 use sea_orm::{
     ActiveModelBehavior, ActiveModelTrait, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
-    Database, DatabaseConnection, DatabaseTransaction, DbBackend, EntityName, EntityTrait,
-    IntoActiveModel, ModelTrait, QueryFilter, QuerySelect, Schema, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait, UpdateMany,
+    Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityName, EntityTrait,
+    IntoActiveModel, ModelTrait, QueryFilter, QuerySelect, Schema, TransactionTrait, UpdateMany,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::group_commit::{GroupCommit, Slot};
 use super::lookup::primary_key_column;
-use crate::change::{ChangeKind, ChangeSet, ChangeSink, Object};
+use crate::change::{Change, ChangeKind, ChangeSet, ChangeSink, Object};
 use crate::channel::ChannelLayer;
 use crate::error::Error;
 use crate::observer::{ModelObserver, Observers};
@@ -46,6 +46,8 @@ pub struct Db {
     observers: Observers,
     hooks: Arc<OnceLock<Arc<dyn TxnHooks>>>,
     order: Arc<CommitOrder>,
+    /// SQLite: the write slot and the batch its transactions commit in.
+    group: Option<Arc<GroupCommit>>,
     /// Inline point reads, for a SQLite database file.
     #[cfg(feature = "sqlite")]
     sqlite_reads: Option<Arc<super::sqlite_reads::SqliteReads>>,
@@ -256,7 +258,9 @@ impl Db {
 
     /// Wraps an existing sea-orm connection.
     pub fn from_connection(conn: DatabaseConnection, layer: ChannelLayer) -> Db {
+        let group = (conn.get_database_backend() == DbBackend::Sqlite).then(Arc::default);
         Db {
+            group,
             conn,
             observers: Observers::new(layer),
             hooks: Arc::new(OnceLock::new()),
@@ -264,6 +268,12 @@ impl Db {
             #[cfg(feature = "sqlite")]
             sqlite_reads: None,
         }
+    }
+
+    /// The group commit of a SQLite database.
+    #[cfg(test)]
+    pub(super) fn group_commit(&self) -> Option<&Arc<GroupCommit>> {
+        self.group.as_ref()
     }
 
     /// The inline readers of a SQLite file database.
@@ -367,19 +377,19 @@ impl Db {
     /// Starts a transaction. Writes go through [`Txn`]; dropping it without
     /// [`commit`](Txn::commit) rolls back and publishes nothing.
     ///
-    /// On SQLite the transaction starts `IMMEDIATE` (it takes the write lock at once), so a
-    /// read-then-write never fails with "database is locked" halfway; concurrent writers wait
-    /// on the busy timeout instead.
+    /// On SQLite, concurrent transactions are committed together (group commit): each is a
+    /// savepoint in a shared `IMMEDIATE` transaction (which takes the write lock at once, so a
+    /// read-then-write never fails with "database is locked" halfway), writers queue for it in
+    /// order, and one `COMMIT` makes a whole batch durable before any of its writers is
+    /// answered; a rolled-back transaction undoes only its own savepoint. A writer that waits
+    /// more than 5 s for its turn fails, as SQLite's busy timeout would.
     pub async fn begin(&self) -> Result<Txn, Error> {
-        let txn = if self.backend() == DbBackend::Sqlite {
-            self.conn
-                .begin_with_options(TransactionOptions {
-                    sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                    ..Default::default()
-                })
-                .await?
-        } else {
-            self.conn.begin().await?
+        let (txn, slot) = match &self.group {
+            Some(group) => {
+                let (txn, slot) = group.begin(self, &self.conn).await?;
+                (txn, Some(slot))
+            }
+            None => (self.conn.begin().await?, None),
         };
         // While a change capture runs, mark the transaction so it does not publish its rows a
         // second time (this `Txn` publishes them itself).
@@ -391,6 +401,7 @@ impl Db {
             db: self.clone(),
             changes: ChangeSet::default(),
             pre_images: HashMap::new(),
+            slot,
         })
     }
 
@@ -429,6 +440,9 @@ pub struct Txn {
     db: Db,
     changes: ChangeSet,
     pre_images: HashMap<(&'static str, String), Object>,
+    /// SQLite: the write slot while `txn` (a savepoint of the batch) is open. Declared after
+    /// `txn`, so a rollback drops the savepoint first.
+    slot: Option<Slot>,
 }
 
 impl Txn {
@@ -638,43 +652,66 @@ impl Txn {
     /// commit order per table (see the type's docs).
     pub async fn commit(self) -> Result<(), Error> {
         let Txn {
-            txn, db, changes, ..
+            txn,
+            db,
+            changes,
+            slot,
+            ..
         } = self;
         let changes: Vec<_> = changes.into_changes().collect();
-        if changes.is_empty() {
-            txn.commit().await?;
-            return Ok(());
-        }
-        let mut tables: Vec<&'static str> = changes.iter().map(|c| c.table).collect();
-        tables.sort_unstable();
-        tables.dedup();
-        // Always in the same (sorted) order: no two commits wait for each other's tables.
-        let mut guards = Vec::with_capacity(tables.len());
-        for table in &tables {
-            guards.push(db.order.table(table).lock_owned().await);
-        }
-        #[cfg(feature = "postgres")]
-        let cluster = db.backend() == DbBackend::Postgres && db.layer().is_remote();
-        #[cfg(feature = "postgres")]
-        if cluster {
-            for (table, guard) in tables.iter().zip(guards.iter_mut()) {
-                guard.lock_cluster(&db, table).await;
+        match slot {
+            Some(slot) => {
+                // The savepoint's release: its writes are now part of the batch's.
+                txn.commit().await?;
+                Ok(slot.join(changes, &db).await?)
+            }
+            None => {
+                let changes: Vec<&Change> = changes.iter().collect();
+                Ok(publish_in_order(&db, &changes, txn.commit()).await?)
             }
         }
-        let committed = txn.commit().await;
-        if committed.is_ok() {
-            let sink: &dyn ChangeSink = &db.observers;
-            for change in &changes {
-                sink.publish(change).await;
-            }
-        }
-        #[cfg(feature = "postgres")]
-        if cluster {
-            for (table, guard) in tables.iter().zip(guards.iter_mut()).rev() {
-                guard.unlock_cluster(table).await;
-            }
-        }
-        drop(guards);
-        Ok(committed?)
     }
+}
+
+/// Runs `commit` and, when it succeeds, publishes `changes` in order, holding their tables'
+/// publish-order locks from before the commit until they are published (see [`CommitOrder`]).
+pub(super) async fn publish_in_order(
+    db: &Db,
+    changes: &[&Change],
+    commit: impl std::future::Future<Output = Result<(), DbErr>>,
+) -> Result<(), DbErr> {
+    if changes.is_empty() {
+        return commit.await;
+    }
+    let mut tables: Vec<&'static str> = changes.iter().map(|c| c.table).collect();
+    tables.sort_unstable();
+    tables.dedup();
+    // Always in the same (sorted) order: no two commits wait for each other's tables.
+    let mut guards = Vec::with_capacity(tables.len());
+    for table in &tables {
+        guards.push(db.order.table(table).lock_owned().await);
+    }
+    #[cfg(feature = "postgres")]
+    let cluster = db.backend() == DbBackend::Postgres && db.layer().is_remote();
+    #[cfg(feature = "postgres")]
+    if cluster {
+        for (table, guard) in tables.iter().zip(guards.iter_mut()) {
+            guard.lock_cluster(db, table).await;
+        }
+    }
+    let committed = commit.await;
+    if committed.is_ok() {
+        let sink: &dyn ChangeSink = &db.observers;
+        for change in changes {
+            sink.publish(change).await;
+        }
+    }
+    #[cfg(feature = "postgres")]
+    if cluster {
+        for (table, guard) in tables.iter().zip(guards.iter_mut()).rev() {
+            guard.unlock_cluster(table).await;
+        }
+    }
+    drop(guards);
+    committed
 }

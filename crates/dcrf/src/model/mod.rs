@@ -65,6 +65,7 @@
 //! ```
 
 mod db;
+mod group_commit;
 mod live;
 mod lookup;
 mod pagination;
@@ -675,7 +676,11 @@ async fn update<C: ModelConsumer>(
     let action = if partial { "patch" } else { "update" };
     let data = data_field(frame)?;
     // Validation runs before the transaction: it may read the database through the pool.
-    let current = get_object(c, ctx, frame, c.db().conn(), false).await?;
+    let current = c
+        .db()
+        .read_one(object_query(c, ctx, frame)?)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     check_object(c, ctx, action, &current).await?;
     // A partial update validates the object as it will be: current values, then `data`.
     let base = if partial {
@@ -687,7 +692,9 @@ async fn update<C: ModelConsumer>(
     c.validate(ctx, &input, Some(&current)).await?;
     let mut txn = c.db().begin().await?;
     // Re-read inside the transaction (locked on PostgreSQL): the row may have changed or gone.
+    // It is the update's previous state too: remembered, the update need not read it again.
     let object = get_object(c, ctx, frame, txn.conn(), true).await?;
+    txn.remember(&object);
     let present: Vec<String> =
         match serde_json::from_str::<serde_json::Map<String, Value>>(data.get()) {
             Ok(map) => map.into_iter().map(|(k, _)| k).collect(),
