@@ -869,21 +869,29 @@ async fn read_loop<S: Session>(
     // Keepalive and credential expiry: one timer each for the whole connection.
     let ended = guard.ended();
     tokio::pin!(ended);
-    // One receiving future for the connection's life: it stays registered with the channel
-    // while the loop handles frames, instead of registering anew for each.
+    // The signals and the event inbox are waited on by futures that live as long as the loop:
+    // each registers with its channel or `Notify` once, not again for every frame.
     let mut inbox = inbox.into_stream();
+    let shutting_down = shutdown.cancelled();
+    let kick = kicked.cancelled();
+    let catch_up_due = lag.due();
+    let stuck = lag.stuck();
+    tokio::pin!(shutting_down, kick, catch_up_due, stuck);
     loop {
         let work = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Some((1001, "server shutting down")),
-            _ = kicked.cancelled() => return Some((1013, "too slow: subscription events dropped")),
+            _ = &mut shutting_down => return Some((1001, "server shutting down")),
+            _ = &mut kick => return Some((1013, "too slow: subscription events dropped")),
             end = &mut ended => return Some(end),
             Some((member, event)) = inbox.next() => {
                 lag.dequeued(&event);
                 Work::Event(member, event)
             }
             // After the queued events: what did not fit is read back from history.
-            _ = lag.due() => Work::CatchUp,
+            _ = &mut catch_up_due => {
+                catch_up_due.set(lag.due());
+                Work::CatchUp
+            }
             message = stream.next() => Work::Frame(message),
         };
         if let Work::Frame(message) = &work {
@@ -911,8 +919,8 @@ async fn read_loop<S: Session>(
         // or once it has been behind for its slow-client timeout.
         tokio::select! {
             biased;
-            _ = kicked.cancelled() => return Some((1013, "too slow: subscription events dropped")),
-            _ = lag.stuck() => return Some((1013, "too slow: subscription events dropped")),
+            _ = &mut kick => return Some((1013, "too slow: subscription events dropped")),
+            _ = &mut stuck => return Some((1013, "too slow: subscription events dropped")),
             end = &mut ended => return Some(end),
             end = step => if let Some(close) = end { return close },
         }
