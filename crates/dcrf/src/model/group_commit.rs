@@ -223,9 +223,12 @@ mod tests {
         db.group_commit().unwrap().commits.load(Ordering::Relaxed)
     }
 
-    /// Spawns writers that queue for the slot `first` holds; `keep` says which of them commit.
-    fn queue_writers(db: &Db, keep: &[bool]) -> Vec<tokio::task::JoinHandle<()>> {
-        keep.iter()
+    /// One writer holds the slot while writers `w0`, `w1`, ... queue behind it; then it
+    /// commits. `keep` says which of the queued writers commit (the others roll back).
+    async fn batch_behind_first(db: &Db, keep: &[bool]) {
+        let first = insert(db, "first").await;
+        let writers: Vec<_> = keep
+            .iter()
             .enumerate()
             .map(|(i, &keep)| {
                 let db = db.clone();
@@ -236,19 +239,18 @@ mod tests {
                     }
                 })
             })
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn writers_that_queue_meanwhile_share_one_commit() {
-        let (db, path) = db("share").await;
-        let first = insert(&db, "first").await;
-        let writers = queue_writers(&db, &[true, true, true]);
+            .collect();
         tokio::time::sleep(Duration::from_millis(100)).await;
         first.commit().await.unwrap();
         for w in writers {
             w.await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn writers_that_queue_meanwhile_share_one_commit() {
+        let (db, path) = db("share").await;
+        batch_behind_first(&db, &[true, true, true]).await;
         assert_eq!(commits(&db), 1);
         assert_eq!(values(&db).await, ["first", "w0", "w1", "w2"]);
         // Alone, a writer commits at once.
@@ -260,13 +262,7 @@ mod tests {
     #[tokio::test]
     async fn a_rolled_back_member_undoes_only_its_own_writes() {
         let (db, path) = db("rollback").await;
-        let first = insert(&db, "first").await;
-        let writers = queue_writers(&db, &[true, false, true]);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        first.commit().await.unwrap();
-        for w in writers {
-            w.await.unwrap();
-        }
+        batch_behind_first(&db, &[true, false, true]).await;
         assert_eq!(commits(&db), 1);
         assert_eq!(values(&db).await, ["first", "w0", "w2"]);
         drop_files(&path);
