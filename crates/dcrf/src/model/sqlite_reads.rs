@@ -100,12 +100,7 @@ impl SqliteReads {
         E: EntityTrait,
         E::ActiveModel: TryIntoModel<E::Model>,
     {
-        if self.broken.load(Ordering::Relaxed) {
-            return Err(Declined);
-        }
-        let values = statement.values.as_ref().map_or(&[][..], |v| &v.0[..]);
-        let params = values.iter().map(bind).collect::<Option<Vec<_>>>();
-        let params = params.ok_or(Declined)?;
+        let params = self.params(statement)?;
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached(&statement.sql).map_err(|_| Declined)?;
             let columns = stmt
@@ -136,12 +131,7 @@ impl SqliteReads {
 
     /// The number of rows `statement` selects.
     pub(crate) fn count(self: &Arc<Self>, statement: &Statement) -> Result<u64, Declined> {
-        if self.broken.load(Ordering::Relaxed) {
-            return Err(Declined);
-        }
-        let values = statement.values.as_ref().map_or(&[][..], |v| &v.0[..]);
-        let params = values.iter().map(bind).collect::<Option<Vec<_>>>();
-        let params = params.ok_or(Declined)?;
+        let params = self.params(statement)?;
         let sql = format!("SELECT COUNT(*) FROM ({})", statement.sql);
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached(&sql).map_err(|_| Declined)?;
@@ -150,6 +140,20 @@ impl SqliteReads {
                 .map_err(|_| Declined)?;
             u64::try_from(n).map_err(|_| Declined)
         })
+    }
+
+    /// The statement's parameters, bound as sqlx would bind them; declined when this
+    /// database's readers are broken or a value has a type this path leaves to sqlx.
+    fn params<'s>(&self, statement: &'s Statement) -> Result<Vec<ToSqlOutput<'s>>, Declined> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(Declined);
+        }
+        let values = statement.values.as_ref().map_or(&[][..], |v| &v.0[..]);
+        values
+            .iter()
+            .map(bind)
+            .collect::<Option<Vec<_>>>()
+            .ok_or(Declined)
     }
 
     /// Calls `f` with this thread's reader of this database, opening it first if needed.
