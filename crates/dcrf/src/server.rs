@@ -855,6 +855,9 @@ async fn run_connection<S: Session>(
     }
 }
 
+/// The close of a connection that stayed behind its subscriptions.
+const TOO_SLOW: (u16, &str) = (1013, "too slow: subscription events dropped");
+
 /// Reads and handles frames, events and catch-ups until the connection is to end; returns the
 /// close frame to send, if any.
 async fn read_loop<S: Session>(
@@ -881,7 +884,7 @@ async fn read_loop<S: Session>(
         let work = tokio::select! {
             biased;
             _ = &mut shutting_down => return Some((1001, "server shutting down")),
-            _ = &mut kick => return Some((1013, "too slow: subscription events dropped")),
+            _ = &mut kick => return Some(TOO_SLOW),
             end = &mut ended => return Some(end),
             Some((member, event)) = inbox.next() => {
                 lag.dequeued(&event);
@@ -919,8 +922,8 @@ async fn read_loop<S: Session>(
         // or once it has been behind for its slow-client timeout.
         tokio::select! {
             biased;
-            _ = &mut kick => return Some((1013, "too slow: subscription events dropped")),
-            _ = &mut stuck => return Some((1013, "too slow: subscription events dropped")),
+            _ = &mut kick => return Some(TOO_SLOW),
+            _ = &mut stuck => return Some(TOO_SLOW),
             end = &mut ended => return Some(end),
             end = step => if let Some(close) = end { return close },
         }

@@ -4,10 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use sea_orm::sqlx::sqlite::{LockedSqliteHandle, SqliteOperation, UpdateHookResult};
-use sea_orm::{
-    ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, SqliteTransactionMode, Statement,
-    TransactionOptions, TransactionTrait,
-};
+use sea_orm::{ConnectionTrait, DbBackend, EntityTrait, FromQueryResult, Statement};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -140,13 +137,7 @@ where
             ids.join(", ")
         );
         // IMMEDIATE waits for the write lock, i.e. until the writer's commit is complete.
-        let txn = db
-            .conn()
-            .begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..Default::default()
-            })
-            .await?;
+        let txn = db.begin_immediate().await?;
         let rows = txn
             .query_all_raw(Statement::from_string(DbBackend::Sqlite, sql))
             .await?;

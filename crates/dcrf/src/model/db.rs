@@ -9,7 +9,8 @@ use sea_orm::sea_query::value::sea_value_to_json_value;
 use sea_orm::{
     ActiveModelBehavior, ActiveModelTrait, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
     Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityName, EntityTrait,
-    IntoActiveModel, ModelTrait, QueryFilter, QuerySelect, Schema, TransactionTrait, UpdateMany,
+    IntoActiveModel, ModelTrait, QueryFilter, QuerySelect, Schema, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait, UpdateMany,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -270,6 +271,17 @@ impl Db {
         }
     }
 
+    /// A SQLite transaction that takes the write lock at once (`BEGIN IMMEDIATE`), on the pool,
+    /// outside the group commit.
+    pub(crate) async fn begin_immediate(&self) -> Result<DatabaseTransaction, DbErr> {
+        self.conn
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await
+    }
+
     /// The group commit of a SQLite database.
     #[cfg(test)]
     pub(super) fn group_commit(&self) -> Option<&Arc<GroupCommit>> {
@@ -386,7 +398,7 @@ impl Db {
     pub async fn begin(&self) -> Result<Txn, Error> {
         let (txn, slot) = match &self.group {
             Some(group) => {
-                let (txn, slot) = group.begin(self, &self.conn).await?;
+                let (txn, slot) = group.begin(self).await?;
                 (txn, Some(slot))
             }
             None => (self.conn.begin().await?, None),

@@ -25,10 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::{
-    ConnAcquireErr, DatabaseConnection, DatabaseTransaction, DbErr, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait,
-};
+use sea_orm::{ConnAcquireErr, DatabaseTransaction, DbErr, TransactionTrait};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
 
 use super::db::{Db, publish_in_order};
@@ -76,27 +73,20 @@ pub(crate) struct Slot {
 }
 
 impl GroupCommit {
-    /// Takes the write slot and starts a savepoint in the current batch (opening one on `conn`
-    /// if none is open).
+    /// Takes the write slot and starts a savepoint in the current batch (opening one on `db`'s
+    /// pool if none is open).
     pub(crate) async fn begin(
         self: &Arc<Self>,
         db: &Db,
-        conn: &DatabaseConnection,
     ) -> Result<(DatabaseTransaction, Slot), DbErr> {
         let mut batch = tokio::time::timeout(SLOT_TIMEOUT, self.slot.clone().lock_owned())
             .await
             .map_err(|_| DbErr::ConnectionAcquire(ConnAcquireErr::Timeout))?;
         if batch.members.len() >= MAX_MEMBERS {
-            batch = commit(batch, db).await;
+            batch = self.commit(batch, db).await;
         }
         if batch.outer.is_none() {
-            let outer = conn
-                .begin_with_options(TransactionOptions {
-                    sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                    ..Default::default()
-                })
-                .await?;
-            batch.outer = Some(outer);
+            batch.outer = Some(db.begin_immediate().await?);
         }
         let Some(outer) = batch.outer.as_ref() else {
             unreachable!("the batch's transaction was opened above");
@@ -108,6 +98,25 @@ impl GroupCommit {
         };
         // On an error the slot is dropped: the batch goes on without this writer.
         Ok((savepoint?, slot))
+    }
+
+    /// Commits the pending batch, if any, publishes its members' changes in the order they
+    /// joined and tells each member the outcome. Gives the slot back, with no batch open.
+    async fn commit(&self, mut batch: OwnedMutexGuard<Batch>, db: &Db) -> OwnedMutexGuard<Batch> {
+        let members = std::mem::take(&mut batch.members);
+        let Some(outer) = batch.outer.take() else {
+            return batch;
+        };
+        let changes: Vec<&Change> = members.iter().flat_map(|m| &m.changes).collect();
+        let outcome = publish_in_order(db, &changes, outer.commit()).await;
+        #[cfg(test)]
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        drop(changes);
+        for member in members {
+            let _ = member.done.send(outcome.clone());
+        }
+        batch
     }
 }
 
@@ -125,7 +134,7 @@ impl Slot {
         tokio::select! {
             biased;
             result = &mut outcome => return result.unwrap_or_else(|_| Err(interrupted())),
-            batch = group.slot.clone().lock_owned() => drop(commit(batch, db).await),
+            batch = group.slot.clone().lock_owned() => drop(group.commit(batch, db).await),
         }
         outcome.await.unwrap_or_else(|_| Err(interrupted()))
     }
@@ -142,28 +151,6 @@ impl Drop for Slot {
             batch.outer = None;
         }
     }
-}
-
-/// Commits the pending batch, if any, publishes its members' changes in the order they joined
-/// and tells each member the outcome. Gives the slot back, with no batch open.
-async fn commit(mut batch: OwnedMutexGuard<Batch>, db: &Db) -> OwnedMutexGuard<Batch> {
-    let members = std::mem::take(&mut batch.members);
-    let Some(outer) = batch.outer.take() else {
-        return batch;
-    };
-    let changes: Vec<&Change> = members.iter().flat_map(|m| &m.changes).collect();
-    let outcome = publish_in_order(db, &changes, outer.commit()).await;
-    #[cfg(test)]
-    if let Some(group) = db.group_commit() {
-        group
-            .commits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    drop(changes);
-    for member in members {
-        let _ = member.done.send(outcome.clone());
-    }
-    batch
 }
 
 /// The outcome of a batch whose committer stopped before it finished (its task was
@@ -185,9 +172,7 @@ mod tests {
             "dcrf-group-commit-{}-{name}.sqlite3",
             std::process::id()
         ));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        drop_files(&path);
         let db = Db::connect(&format!("sqlite://{}?mode=rwc", path.display()))
             .await
             .unwrap();

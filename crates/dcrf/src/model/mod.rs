@@ -469,6 +469,19 @@ pub async fn get_object<C: ModelConsumer, Conn: ConnectionTrait>(
     query.one(conn).await?.ok_or_else(ApiError::not_found)
 }
 
+/// The frame's object outside a transaction, through [`Db::read_one`] (inline on a SQLite
+/// file); 404 when the queryset does not hold it.
+async fn read_object<C: ModelConsumer>(
+    c: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+) -> Result<ModelOf<C>, ApiError> {
+    c.db()
+        .read_one(object_query(c, ctx, frame)?)
+        .await?
+        .ok_or_else(ApiError::not_found)
+}
+
 /// The query of [`get_object`]: the queryset, narrowed, then the lookup field.
 fn object_query<C: ModelConsumer>(
     consumer: &C,
@@ -511,12 +524,7 @@ async fn retrieve<C: ModelConsumer>(
     ctx: &Ctx,
     frame: &Frame<'_>,
 ) -> Result<Reply<C::Output>, ApiError> {
-    let query = object_query(c, ctx, frame)?;
-    let object = c
-        .db()
-        .read_one(query)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
+    let object = read_object(c, ctx, frame).await?;
     check_object(c, ctx, "retrieve", &object).await?;
     Ok(Reply::ok(C::Output::from(object)))
 }
@@ -676,11 +684,7 @@ async fn update<C: ModelConsumer>(
     let action = if partial { "patch" } else { "update" };
     let data = data_field(frame)?;
     // Validation runs before the transaction: it may read the database through the pool.
-    let current = c
-        .db()
-        .read_one(object_query(c, ctx, frame)?)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
+    let current = read_object(c, ctx, frame).await?;
     check_object(c, ctx, action, &current).await?;
     // A partial update validates the object as it will be: current values, then `data`.
     let base = if partial {
