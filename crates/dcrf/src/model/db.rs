@@ -15,8 +15,9 @@ use sea_orm::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::group_commit::{GroupCommit, Slot};
+use super::group_commit::GroupCommit;
 use super::lookup::primary_key_column;
+use super::txn_conn::{Scope, TxnConn};
 use crate::change::{Change, ChangeKind, ChangeSet, ChangeSink, Object};
 use crate::channel::ChannelLayer;
 use crate::error::Error;
@@ -396,13 +397,11 @@ impl Db {
     /// answered; a rolled-back transaction undoes only its own savepoint. A writer that waits
     /// more than 5 s for its turn fails, as SQLite's busy timeout would.
     pub async fn begin(&self) -> Result<Txn, Error> {
-        let (txn, slot) = match &self.group {
-            Some(group) => {
-                let (txn, slot) = group.begin(self).await?;
-                (txn, Some(slot))
-            }
-            None => (self.conn.begin().await?, None),
+        let scope = match &self.group {
+            Some(group) => Scope::Batch(group.begin(self).await?),
+            None => Scope::Own(self.conn.begin().await?),
         };
+        let txn = TxnConn::new(scope);
         // While a change capture runs, mark the transaction so it does not publish its rows a
         // second time (this `Txn` publishes them itself).
         if let Some(sql) = self.hooks.get().and_then(|h| h.begin_sql()) {
@@ -413,7 +412,6 @@ impl Db {
             db: self.clone(),
             changes: ChangeSet::default(),
             pre_images: HashMap::new(),
-            slot,
         })
     }
 
@@ -448,19 +446,16 @@ pub(crate) fn pk_json<E: EntityTrait>(model: &E::Model) -> serde_json::Value {
 /// Writes made with [`conn`](Txn::conn) directly are not observed.
 #[derive(Debug)]
 pub struct Txn {
-    txn: DatabaseTransaction,
+    txn: TxnConn,
     db: Db,
     changes: ChangeSet,
     pre_images: HashMap<(&'static str, String), Object>,
-    /// SQLite: the write slot while `txn` (a savepoint of the batch) is open. Declared after
-    /// `txn`, so a rollback drops the savepoint first.
-    slot: Option<Slot>,
 }
 
 impl Txn {
     /// The transaction as a sea-orm connection, for reads (and writes the framework should not
     /// observe).
-    pub fn conn(&self) -> &DatabaseTransaction {
+    pub fn conn(&self) -> &TxnConn {
         &self.txn
     }
 
@@ -632,7 +627,7 @@ impl Txn {
             return Ok(Vec::new());
         }
         let mut query = E::find().filter(condition.clone());
-        if self.txn.get_database_backend() == DbBackend::Postgres {
+        if self.db.backend() == DbBackend::Postgres {
             query = query.lock_exclusive();
         }
         Ok(query.all(&self.txn).await?)
@@ -664,20 +659,12 @@ impl Txn {
     /// commit order per table (see the type's docs).
     pub async fn commit(self) -> Result<(), Error> {
         let Txn {
-            txn,
-            db,
-            changes,
-            slot,
-            ..
+            txn, db, changes, ..
         } = self;
         let changes: Vec<_> = changes.into_changes().collect();
-        match slot {
-            Some(slot) => {
-                // The savepoint's release: its writes are now part of the batch's.
-                txn.commit().await?;
-                Ok(slot.join(changes, &db).await?)
-            }
-            None => {
+        match txn.into_scope() {
+            Scope::Batch(slot) => Ok(slot.join(changes, &db).await?),
+            Scope::Own(txn) => {
                 let changes: Vec<&Change> = changes.iter().collect();
                 Ok(publish_in_order(&db, &changes, txn.commit()).await?)
             }

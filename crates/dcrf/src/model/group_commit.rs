@@ -7,12 +7,16 @@
 //! `SAVEPOINT` inside the current *batch*, an `IMMEDIATE` transaction opened by the first
 //! writer:
 //!
-//! 1. [`GroupCommit::begin`] waits for the write slot (writers queue in order), opens the
-//!    batch's transaction if none is open, and starts a savepoint in it.
-//! 2. The writer's statements run in its savepoint; a `Txn` dropped without commit rolls
-//!    back to it (and, when no other writer's work is in the batch, rolls the batch back too).
-//! 3. [`Slot::join`] releases the savepoint, adds the writer's changes to the batch and gives
-//!    the slot to the next writer in line, then queues for the slot again. Whoever gets the
+//! 1. [`GroupCommit::begin`] waits for the write slot (writers queue in order) and opens the
+//!    batch's transaction if none is open. The writer's savepoint is not started yet: it is
+//!    sent with the writer's first statement, in the same round trip to sqlx's connection
+//!    thread (see [`TxnConn`](super::TxnConn)).
+//! 2. The writer's statements run in its savepoint. A `Txn` dropped without commit leaves its
+//!    savepoint to be rolled back by the next holder of the slot, before anything else runs
+//!    (or, when no other writer's work is in the batch, the batch is rolled back at once).
+//! 3. [`Slot::join`] adds the writer's changes to the batch and gives the slot to the next
+//!    writer in line, then queues for the slot again. The savepoint stays open (a `COMMIT`
+//!    releases it with the rest), so a commit costs no statement of its own. Whoever gets the
 //!    slot with a batch still pending commits it: every writer that queued meanwhile has
 //!    joined it. The commit publishes each member's changes in the order they joined, then
 //!    tells every member how it went.
@@ -21,11 +25,16 @@
 //! and one member's error (a constraint, a validation) rolls back only its own savepoint.
 //! Under load a batch holds as many writers as queued during the previous commit; alone, a
 //! writer commits at once, as before.
+//!
+//! Each statement costs a round trip to sqlx's connection thread (two thread switches), so
+//! the round trips are what a write costs: a `create` is one (savepoint and `INSERT ...
+//! RETURNING` together), a `patch` two (savepoint and re-read, then `UPDATE ... RETURNING`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use sea_orm::{ConnAcquireErr, DatabaseTransaction, DbErr, TransactionTrait};
+use sea_orm::{ConnAcquireErr, ConnectionTrait, DatabaseTransaction, DbErr};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
 
 use super::db::{Db, publish_in_order};
@@ -55,55 +64,130 @@ struct Batch {
     outer: Option<DatabaseTransaction>,
     /// The writers whose work is in `outer`, in the order they joined.
     members: Vec<Member>,
+    /// The savepoint left open by the last writer that joined, if any. The next writer's
+    /// first statement releases it (into the batch) before it starts its own, so at most one
+    /// savepoint is open and two names take turns.
+    open: Option<Savepoint>,
+    /// A writer that left without joining after its first statement went out: its savepoint
+    /// is rolled back before the batch goes on.
+    undo: Option<Undo>,
 }
 
-/// A writer whose savepoint was released into the batch.
+/// A writer whose work joined the batch.
 #[derive(Debug)]
 struct Member {
     changes: Vec<Change>,
     done: oneshot::Sender<Result<(), DbErr>>,
 }
 
+/// The two savepoint names, taken in turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Savepoint {
+    A,
+    B,
+}
+
+impl Savepoint {
+    fn name(self) -> &'static str {
+        match self {
+            Savepoint::A => "dcrf_a",
+            Savepoint::B => "dcrf_b",
+        }
+    }
+
+    fn encode(savepoint: Option<Savepoint>) -> u8 {
+        match savepoint {
+            None => 0,
+            Some(Savepoint::A) => 1,
+            Some(Savepoint::B) => 2,
+        }
+    }
+
+    fn decode(code: u8) -> Option<Savepoint> {
+        match code {
+            1 => Some(Savepoint::A),
+            2 => Some(Savepoint::B),
+            _ => None,
+        }
+    }
+
+    /// What a writer's first statement starts with: the release of the savepoint `open` (a
+    /// joined writer's), then its own savepoint.
+    fn prefix(self, open: Option<Savepoint>) -> &'static str {
+        match (open, self) {
+            (None, Savepoint::A) => "SAVEPOINT dcrf_a; ",
+            (None, Savepoint::B) => "SAVEPOINT dcrf_b; ",
+            (Some(Savepoint::B), Savepoint::A) => "RELEASE dcrf_b; SAVEPOINT dcrf_a; ",
+            (Some(Savepoint::A), Savepoint::B) => "RELEASE dcrf_a; SAVEPOINT dcrf_b; ",
+            (Some(_), _) => unreachable!("a writer's savepoint is never the open one's"),
+        }
+    }
+}
+
+/// A savepoint to roll back, and what else may be open.
+#[derive(Debug, Clone, Copy)]
+struct Undo {
+    savepoint: Savepoint,
+    /// False when the writer's first statement failed or was abandoned: which of its parts
+    /// ran is not known.
+    certain: bool,
+    /// The joined writer's savepoint that the first statement was to release.
+    released: Option<Savepoint>,
+}
+
+/// Where a writer's savepoint is.
+const NOT_SENT: u8 = 0;
+const STARTED: u8 = 1;
+/// The first statement failed, or its future was dropped before it answered.
+const UNSURE: u8 = 2;
+
 /// A writer's hold on the write slot, from [`GroupCommit::begin`] to [`Slot::join`] (or its
-/// drop, which gives the slot up).
+/// drop, which gives the slot up and leaves its savepoint to be rolled back).
 #[derive(Debug)]
 pub(crate) struct Slot {
     batch: Option<OwnedMutexGuard<Batch>>,
     group: Arc<GroupCommit>,
+    /// This writer's savepoint.
+    savepoint: Savepoint,
+    /// The joined writer's savepoint that this writer's first statement releases (see
+    /// [`Savepoint::encode`]).
+    releases: AtomicU8,
+    state: AtomicU8,
 }
 
 impl GroupCommit {
-    /// Takes the write slot and starts a savepoint in the current batch (opening one on `db`'s
-    /// pool if none is open).
-    pub(crate) async fn begin(
-        self: &Arc<Self>,
-        db: &Db,
-    ) -> Result<(DatabaseTransaction, Slot), DbErr> {
+    /// Takes the write slot, opening a batch on `db`'s pool if none is open.
+    pub(crate) async fn begin(self: &Arc<Self>, db: &Db) -> Result<Slot, DbErr> {
         let mut batch = tokio::time::timeout(SLOT_TIMEOUT, self.slot.clone().lock_owned())
             .await
             .map_err(|_| DbErr::ConnectionAcquire(ConnAcquireErr::Timeout))?;
+        batch.settle().await;
         if batch.members.len() >= MAX_MEMBERS {
             batch = self.commit(batch, db).await;
         }
         if batch.outer.is_none() {
             batch.outer = Some(db.begin_immediate().await?);
         }
-        let Some(outer) = batch.outer.as_ref() else {
-            unreachable!("the batch's transaction was opened above");
+        let releases = batch.open;
+        let savepoint = match releases {
+            Some(Savepoint::A) => Savepoint::B,
+            _ => Savepoint::A,
         };
-        let savepoint = outer.begin().await;
-        let slot = Slot {
+        Ok(Slot {
             batch: Some(batch),
             group: self.clone(),
-        };
-        // On an error the slot is dropped: the batch goes on without this writer.
-        Ok((savepoint?, slot))
+            savepoint,
+            releases: AtomicU8::new(Savepoint::encode(releases)),
+            state: AtomicU8::new(NOT_SENT),
+        })
     }
 
     /// Commits the pending batch, if any, publishes its members' changes in the order they
     /// joined and tells each member the outcome. Gives the slot back, with no batch open.
     async fn commit(&self, mut batch: OwnedMutexGuard<Batch>, db: &Db) -> OwnedMutexGuard<Batch> {
+        batch.settle().await;
         let members = std::mem::take(&mut batch.members);
+        batch.open = None;
         let Some(outer) = batch.outer.take() else {
             return batch;
         };
@@ -120,14 +204,144 @@ impl GroupCommit {
     }
 }
 
+impl Batch {
+    /// Rolls back the savepoint of a writer that left without joining. When its first
+    /// statement's fate is not known, each part is undone if it ran: its savepoint rolled
+    /// back, the joined writer's savepoint it was to release released. When that fails, the
+    /// batch cannot tell its members' writes from the leaver's: it is rolled back whole and
+    /// every member fails.
+    async fn settle(&mut self) {
+        let Some(undo) = self.undo.take() else {
+            return;
+        };
+        let Some(outer) = self.outer.as_ref() else {
+            return;
+        };
+        let name = undo.savepoint.name();
+        let mut undone = run_allowing_absent(
+            outer,
+            &format!("ROLLBACK TO {name}; RELEASE {name}"),
+            !undo.certain,
+        )
+        .await;
+        if let (Ok(_), false, Some(released)) = (&undone, undo.certain, undo.released) {
+            undone =
+                run_allowing_absent(outer, &format!("RELEASE {}", released.name()), true).await;
+        }
+        self.open = None;
+        if let Err(e) = undone {
+            self.abandon(&e);
+        }
+    }
+
+    /// Rolls the batch back whole after a savepoint could not be settled (the members' writes
+    /// can no longer be told from another writer's): every member fails.
+    fn abandon(&mut self, e: &DbErr) {
+        tracing::warn!(error = %e, "cannot settle a savepoint; the batch is rolled back");
+        self.outer = None;
+        self.open = None;
+        for member in self.members.drain(..) {
+            let _ = member.done.send(Err(DbErr::Custom(format!(
+                "a transaction committed with this one could not be rolled back: {e}"
+            ))));
+        }
+    }
+}
+
+/// Runs `sql`; with `absent_ok`, a savepoint it names that does not exist is no error.
+/// Whether the savepoints it names existed.
+async fn run_allowing_absent(
+    outer: &DatabaseTransaction,
+    sql: &str,
+    absent_ok: bool,
+) -> Result<bool, DbErr> {
+    match outer.execute_unprepared(sql).await {
+        Ok(_) => Ok(true),
+        Err(e) if absent_ok && e.to_string().contains("no such savepoint") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 impl Slot {
-    /// Adds a writer's committed savepoint (its `changes`) to the batch and waits until the
-    /// batch is committed and published: by this writer, when it gets the slot back with the
-    /// batch still pending, or by another member.
+    /// The batch's transaction, which this writer's statements run in.
+    pub(crate) fn outer(&self) -> &DatabaseTransaction {
+        match self.batch.as_ref().and_then(|b| b.outer.as_ref()) {
+            Some(outer) => outer,
+            // `begin` opens the batch before it hands out a slot, and only `join` (which
+            // consumes the slot) gives it up.
+            None => unreachable!("a slot holds an open batch until it joins"),
+        }
+    }
+
+    /// `sql` as this writer's next statement: while its savepoint is not started, with the
+    /// savepoint changes in front. A first statement that failed is settled first (see
+    /// [`resolve`](Self::resolve)).
+    pub(crate) async fn statement(&self, sql: String) -> Result<(String, bool), DbErr> {
+        match self.state.load(Ordering::Relaxed) {
+            STARTED => return Ok((sql, false)),
+            UNSURE => {
+                self.resolve().await?;
+                if self.state.load(Ordering::Relaxed) == STARTED {
+                    return Ok((sql, false));
+                }
+            }
+            _ => {}
+        }
+        // Until it answers, its fate is not known (its future may be dropped meanwhile).
+        self.state.store(UNSURE, Ordering::Relaxed);
+        let releases = Savepoint::decode(self.releases.load(Ordering::Relaxed));
+        Ok((format!("{}{sql}", self.savepoint.prefix(releases)), true))
+    }
+
+    /// Records that a first statement from [`statement`](Self::statement) succeeded.
+    pub(crate) fn started(&self) {
+        self.state.store(STARTED, Ordering::Relaxed);
+    }
+
+    /// Finds out what a first statement that failed left behind: when this writer's
+    /// savepoint exists it is started (`ROLLBACK TO` it undoes nothing, the failed statement
+    /// having undone itself); otherwise the joined writer's savepoint it was to release is
+    /// released here, and the next statement starts the savepoint afresh.
+    async fn resolve(&self) -> Result<(), DbErr> {
+        let outer = self.outer();
+        let rollback = format!("ROLLBACK TO {}", self.savepoint.name());
+        match run_allowing_absent(outer, &rollback, true).await {
+            Err(e) => return Err(e),
+            // It exists: the `ROLLBACK TO` kept it.
+            Ok(true) => {
+                self.started();
+                return Ok(());
+            }
+            Ok(false) => {}
+        }
+        if let Some(released) = Savepoint::decode(self.releases.load(Ordering::Relaxed)) {
+            run_allowing_absent(outer, &format!("RELEASE {}", released.name()), true).await?;
+            self.releases
+                .store(Savepoint::encode(None), Ordering::Relaxed);
+        }
+        self.state.store(NOT_SENT, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Adds a writer's work (its `changes`) to the batch and waits until the batch is
+    /// committed and published: by this writer, when it gets the slot back with the batch
+    /// still pending, or by another member.
     pub(crate) async fn join(mut self, changes: Vec<Change>, db: &Db) -> Result<(), DbErr> {
+        if self.state.load(Ordering::Relaxed) == UNSURE
+            && let Err(e) = self.resolve().await
+        {
+            if let Some(batch) = self.batch.as_mut() {
+                batch.abandon(&e);
+            }
+            return Err(e);
+        }
         let (done, mut outcome) = oneshot::channel();
         let group = self.group.clone();
         if let Some(mut batch) = self.batch.take() {
+            batch.open = match self.state.load(Ordering::Relaxed) {
+                STARTED => Some(self.savepoint),
+                _ => Savepoint::decode(self.releases.load(Ordering::Relaxed)),
+            };
             batch.members.push(Member { changes, done });
         }
         drop(self);
@@ -141,14 +355,27 @@ impl Slot {
 }
 
 impl Drop for Slot {
-    /// A writer that leaves without joining (its `Txn` rolled back to its savepoint): when no
-    /// other writer's work is in the batch, the batch's transaction is rolled back too, so the
-    /// database is not left locked.
+    /// A writer that leaves without joining (its `Txn` rolled back): when no other writer's
+    /// work is in the batch, the batch's transaction is rolled back, so the database is not
+    /// left locked; otherwise its savepoint is rolled back by the next holder of the slot.
     fn drop(&mut self) {
-        if let Some(batch) = &mut self.batch
-            && batch.members.is_empty()
-        {
+        let Some(batch) = &mut self.batch else {
+            return;
+        };
+        if batch.members.is_empty() {
             batch.outer = None;
+            batch.open = None;
+            return;
+        }
+        let state = self.state.load(Ordering::Relaxed);
+        if state == NOT_SENT {
+            batch.open = Savepoint::decode(self.releases.load(Ordering::Relaxed));
+        } else {
+            batch.undo = Some(Undo {
+                savepoint: self.savepoint,
+                certain: state == STARTED,
+                released: Savepoint::decode(self.releases.load(Ordering::Relaxed)),
+            });
         }
     }
 }
@@ -250,6 +477,90 @@ mod tests {
         batch_behind_first(&db, &[true, false, true]).await;
         assert_eq!(commits(&db), 1);
         assert_eq!(values(&db).await, ["first", "w0", "w2"]);
+        drop_files(&path);
+    }
+
+    /// A writer queued behind `first` whose first statement breaks the primary key (`first`
+    /// holds id 1): the error is sqlx's own; `then` says what the writer does next.
+    async fn failing_writer_behind_first(db: &Db, go_on: bool) {
+        let first = insert(db, "first").await;
+        let failing = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let txn = db.begin().await.unwrap();
+                let e = txn
+                    .conn()
+                    .execute_unprepared("INSERT INTO t (id, v) VALUES (1, 'dup')")
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(
+                        e.sql_err(),
+                        Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+                    ),
+                    "{e}"
+                );
+                if go_on {
+                    txn.conn()
+                        .execute_unprepared("INSERT INTO t (v) VALUES ('after')")
+                        .await
+                        .unwrap();
+                    txn.commit().await.unwrap();
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let last = {
+            let db = db.clone();
+            tokio::spawn(async move { insert(&db, "last").await.commit().await.unwrap() })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        first.commit().await.unwrap();
+        failing.await.unwrap();
+        last.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_first_statement_fails_leaves_the_batch_whole() {
+        let (db, path) = db("first-fails").await;
+        failing_writer_behind_first(&db, false).await;
+        assert_eq!(commits(&db), 1);
+        assert_eq!(values(&db).await, ["first", "last"]);
+        // The batches after it go on as before.
+        batch_behind_first(&db, &[true, false, true]).await;
+        assert_eq!(values(&db).await, ["first", "last", "first", "w0", "w2"]);
+        drop_files(&path);
+    }
+
+    #[tokio::test]
+    async fn a_writer_can_go_on_after_its_first_statement_fails() {
+        let (db, path) = db("goes-on").await;
+        failing_writer_behind_first(&db, true).await;
+        assert_eq!(commits(&db), 1);
+        assert_eq!(values(&db).await, ["first", "after", "last"]);
+        drop_files(&path);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_writer_after_joined_ones_undoes_only_its_own_statements() {
+        let (db, path) = db("later-statements").await;
+        let first = insert(&db, "first").await;
+        let second = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let txn = insert(&db, "second-a").await;
+                txn.conn()
+                    .execute_unprepared("INSERT INTO t (v) VALUES ('second-b')")
+                    .await
+                    .unwrap();
+                drop(txn);
+                insert(&db, "third").await.commit().await.unwrap();
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        first.commit().await.unwrap();
+        second.await.unwrap();
+        assert_eq!(values(&db).await, ["first", "third"]);
         drop_files(&path);
     }
 

@@ -71,6 +71,7 @@ mod lookup;
 mod pagination;
 #[cfg(feature = "sqlite")]
 mod sqlite_reads;
+mod txn_conn;
 mod validation;
 pub mod validators;
 
@@ -98,6 +99,7 @@ pub use live::handle_list_event;
 pub use lookup::json_to_value;
 pub use lookup::{column_named, primary_key_column};
 pub use pagination::{LimitOffset, Page};
+pub use txn_conn::TxnConn;
 pub use validation::{ValidationErrors, parse_input};
 
 use crate::consumer::{Ctx, Dispatched, Reply};
