@@ -59,6 +59,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::Router;
@@ -67,7 +68,7 @@ use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{Sink, StreamExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,6 +76,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::BoxFuture;
 use crate::auth::{Authenticator, NoAuth, query_pairs};
 use crate::channel::{Delivery, GroupMessage, Lag, Position};
+use crate::consumer::sink::SharedSink;
 use crate::consumer::{Accept, Event, RESYNC, Replay};
 use crate::consumer::{Consumer, Ctx, Dispatched, Link, Outbound, Outbox, catch_panic};
 use crate::error::ApiError;
@@ -515,6 +517,7 @@ impl Dcrf {
     /// The queues of one socket, and the link its contexts send through.
     pub(crate) fn link(&self, stream: Option<Arc<str>>, guard: Arc<Guard>) -> (Link, Queues) {
         let (out, rx) = Outbox::new(self.outbound_queue, self.outbound_bytes);
+        let direct = out.direct().clone();
         let (inbox_tx, inbox) = flume::bounded(self.event_queue);
         let kick = CancellationToken::new();
         let lag = Arc::new(Lag::new(self.slow_client_timeout, self.event_queue_bytes));
@@ -529,6 +532,7 @@ impl Dcrf {
             },
             Queues {
                 rx,
+                direct,
                 inbox,
                 lag,
                 kick,
@@ -689,6 +693,7 @@ where
 /// The receiving ends of a socket's queues, its kick switch and its guard.
 pub(crate) struct Queues {
     rx: flume::Receiver<Outbound>,
+    direct: Arc<SharedSink>,
     inbox: flume::Receiver<Delivery>,
     lag: Arc<Lag>,
     kick: CancellationToken,
@@ -821,6 +826,7 @@ async fn run_connection<S: Session>(
 ) {
     let Queues {
         rx,
+        direct,
         inbox,
         lag,
         kick,
@@ -829,10 +835,18 @@ async fn run_connection<S: Session>(
     let _open = crate::metrics::connection_opened();
     let (close_tx, close_rx) = tokio::sync::oneshot::channel();
     let sent = guard.metrics().sent.clone();
+    direct.install(sink, sent.clone());
     // The writer is a task of its own: one future of this task polled beside the reader served
     // the median reply sooner but the slowest ones later (measured in BENCHMARKS.md), and it
-    // saved no memory, the writer's state moving into this task.
-    let mut writer = tokio::spawn(write_loop(sink, rx, close_rx, guard.ping_interval(), sent));
+    // saved no memory, the writer's state moving into this task. While it is idle, senders
+    // write to the socket themselves (see `consumer::sink`).
+    let mut writer = tokio::spawn(write_loop(
+        direct,
+        rx,
+        close_rx,
+        guard.ping_interval(),
+        sent,
+    ));
     let close = read_loop(stream, &mut session, inbox, &lag, &kick, &guard, &shutdown).await;
     session.finish().await;
     let (code, reason) = close.unwrap_or((1000, ""));
@@ -956,12 +970,24 @@ fn close_for_error(e: axum::Error) -> Option<(u16, &'static str)> {
 }
 
 /// Drains the outbound queue into the socket, batching what is ready into one flush. When the
-/// queue closes (the session ended), sends the close frame the session chose.
+/// queue closes (the session ended), sends the close frame the session chose. The socket is
+/// given up when it returns: no direct write reaches it after.
 ///
 /// With keepalive on, a ping goes out every `ping_interval` (the reader closes peers that stay
 /// silent, see [`Dcrf::pong_timeout`]).
 async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    sink: Arc<SharedSink>,
+    rx: flume::Receiver<Outbound>,
+    close: tokio::sync::oneshot::Receiver<CloseFrame>,
+    ping_interval: Option<Duration>,
+    sent: ::metrics::Counter,
+) {
+    drain(&sink, rx, close, ping_interval, sent).await;
+    drop(sink.take());
+}
+
+async fn drain(
+    sink: &SharedSink,
     rx: flume::Receiver<Outbound>,
     close: tokio::sync::oneshot::Receiver<CloseFrame>,
     ping_interval: Option<Duration>,
@@ -971,51 +997,87 @@ async fn write_loop(
     // The outbound bytes of the frames being written, given back once they are flushed (one
     // buffer for the connection's life: no allocation per flush).
     let mut written = Vec::new();
+    let mut flushes = Vec::new();
     let mut queued = rx.stream();
     loop {
         let first = tokio::select! {
             first = queued.next() => first,
             _ = pings.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                sink.set_writing(true);
+                let pinged = feed(sink, Message::Ping(Default::default())).await.is_ok()
+                    && flush(sink).await.is_ok();
+                if !pinged {
                     return;
                 }
+                sink.set_writing(false);
                 continue;
             }
         };
         let Some(first) = first else { break };
+        sink.set_writing(true);
         let mut next = Some(first);
         while let Some(out) = next.take() {
             match out {
-                Outbound::Text(text, bytes) => {
-                    if sink.feed(Message::Text(text)).await.is_err() {
+                Outbound::Text(text, held) => {
+                    if feed(sink, Message::Text(text)).await.is_err() {
                         return;
                     }
                     sent.increment(1);
-                    written.push(bytes);
+                    written.push(held);
                 }
-                Outbound::Close(frame) => return send_close(&mut sink, frame).await,
+                Outbound::Flush(ticket) => flushes.push(ticket),
+                Outbound::Close(frame, _ticket) => return send_close(sink, frame).await,
             }
             next = rx.try_recv().ok();
         }
-        if sink.flush().await.is_err() {
+        if flush(sink).await.is_err() {
             return;
         }
+        // The frames' budget and tickets go back: direct writes may follow them now.
         written.clear();
+        flushes.clear();
+        sink.set_writing(false);
     }
     if let Ok(frame) = close.await {
-        send_close(&mut sink, frame).await;
+        sink.set_writing(true);
+        send_close(sink, frame).await;
+    }
+}
+
+/// Hands one message to the socket (`SinkExt::feed` on the shared sink).
+async fn feed(sink: &SharedSink, message: Message) -> Result<(), ()> {
+    let mut message = Some(message);
+    let fed = std::future::poll_fn(|cx| {
+        sink.poll(cx, |mut s, cx| match s.as_mut().poll_ready(cx) {
+            Poll::Ready(Ok(())) => match message.take() {
+                Some(m) => Poll::Ready(s.start_send(m).map_err(|_| ())),
+                None => Poll::Ready(Ok(())),
+            },
+            Poll::Ready(Err(_)) => Poll::Ready(Err(())),
+            Poll::Pending => Poll::Pending,
+        })
+    })
+    .await;
+    fed.unwrap_or(Err(()))
+}
+
+/// Flushes the socket (`SinkExt::flush` on the shared sink).
+async fn flush(sink: &SharedSink) -> Result<(), ()> {
+    let flushed = std::future::poll_fn(|cx| sink.poll(cx, |s, cx| s.poll_flush(cx))).await;
+    match flushed {
+        Some(Ok(())) => Ok(()),
+        _ => Err(()),
     }
 }
 
 /// Sends our close frame, or, when the client closed first, flushes the echo of its own close
 /// frame that tungstenite queued (RFC 6455: the peer must see its code, not 1006).
-async fn send_close(
-    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    frame: CloseFrame,
-) {
-    // After a client's close, sending ours fails (the echo is already queued): `close` flushes it.
-    let _ = sink.send(Message::Close(Some(frame))).await;
-    let _ = sink.close().await;
+async fn send_close(sink: &SharedSink, frame: CloseFrame) {
+    // After a client's close, sending ours fails (the echo is already queued): closing flushes it.
+    if feed(sink, Message::Close(Some(frame))).await.is_ok() {
+        let _ = flush(sink).await;
+    }
+    let _ = std::future::poll_fn(|cx| sink.poll(cx, |s, cx| s.poll_close(cx))).await;
 }
 
 /// Handles one group message: delivers it if the connection is subscribed and has not

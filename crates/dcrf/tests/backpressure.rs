@@ -132,3 +132,80 @@ async fn a_client_that_stops_reading_is_dropped_and_others_are_not_delayed() {
     // It left the group: events are no longer queued for it.
     assert_eq!(layer.local_members("feed:news"), 1);
 }
+
+/// Sends `count` frames from its action, then replies; a detached task sends as many more.
+#[derive(Clone, Default)]
+struct Burst;
+
+#[dcrf::consumer]
+impl Burst {
+    #[action]
+    async fn burst(&mut self, ctx: &Ctx, frame: &Frame<'_>) -> Result<Reply<()>, ApiError> {
+        let count = frame
+            .field("count")
+            .and_then(|c| c.get().parse::<usize>().ok())
+            .unwrap_or(0);
+        let pad = "p".repeat(1000);
+        for i in 0..count {
+            ctx.send_json(&json!({"from": "action", "i": i, "pad": pad}))
+                .await
+                .unwrap();
+        }
+        let detached = ctx.clone();
+        ctx.spawn(async move {
+            let pad = "d".repeat(1000);
+            for i in 0..count {
+                detached
+                    .send_json(&json!({"from": "task", "i": i, "pad": pad}))
+                    .await
+                    .unwrap();
+            }
+        });
+        Ok(Reply::ok(()))
+    }
+}
+
+impl Consumer for Burst {}
+
+/// Frames keep the order they were sent in while the socket is full and the connection's
+/// writer takes over, and again once it is idle and frames are written at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_keep_their_order_through_a_full_socket() {
+    let app = Dcrf::new().outbound_queue(16);
+    let router = axum::Router::new().route("/ws/burst/", app.consumer(Burst::default));
+    let s = TestServer::start(router, app).await;
+    let mut c = TestClient::connect_with_receive_buffer(&s.url("/ws/burst/"), 4096)
+        .await
+        .unwrap();
+    for round in 0..3 {
+        const COUNT: usize = 2000;
+        c.send_json(json!({"action": "burst", "count": COUNT, "request_id": round}))
+            .await;
+        // Not read yet: the frames back up into the socket and the queue.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (mut action, mut task, mut replied) = (0, 0, false);
+        while action < COUNT || task < COUNT || !replied {
+            let frame = c.receive_json().await;
+            match frame["from"].as_str() {
+                Some("action") => {
+                    assert!(
+                        !replied,
+                        "round {round}: a frame of the action after its reply"
+                    );
+                    assert_eq!(frame["i"], json!(action), "round {round}");
+                    action += 1;
+                }
+                Some("task") => {
+                    assert_eq!(frame["i"], json!(task), "round {round}");
+                    task += 1;
+                }
+                _ => {
+                    assert_eq!(frame["request_id"], json!(round), "{frame}");
+                    assert_eq!(action, COUNT, "round {round}: the reply before the frames");
+                    replied = true;
+                }
+            }
+        }
+    }
+    c.receive_nothing().await;
+}

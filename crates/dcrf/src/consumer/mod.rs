@@ -3,6 +3,7 @@
 //! [`Ctx`], what actions return ([`Reply`], [`ApiError`]), and the events of a connection's
 //! subscriptions ([`Event`]).
 
+pub(crate) mod sink;
 pub(crate) mod subscriptions;
 
 use std::fmt::Write;
@@ -238,8 +239,18 @@ pub(crate) fn wrap_stream(stream: &str, payload: &str) -> String {
 #[derive(Debug)]
 pub(crate) enum Outbound {
     /// A text frame, with the bytes of the outbound budget it holds until it is written.
-    Text(Utf8Bytes, OwnedSemaphorePermit),
-    Close(CloseFrame),
+    Text(Utf8Bytes, Held),
+    /// Flush what a direct write left in the socket's buffer (see [`sink`]).
+    Flush(sink::Ticket),
+    Close(CloseFrame, sink::Ticket),
+}
+
+/// What a queued frame holds until it is flushed: its bytes of the outbound budget, and its
+/// place in the order of direct writes.
+#[derive(Debug)]
+pub(crate) struct Held {
+    _bytes: OwnedSemaphorePermit,
+    _ticket: sink::Ticket,
 }
 
 /// A connection's outbound queue, bounded twice: in frames (the channel's capacity) and in
@@ -251,6 +262,8 @@ pub(crate) struct Outbox {
     tx: flume::Sender<Outbound>,
     bytes: Arc<Semaphore>,
     max_bytes: u32,
+    /// The socket, for frames written at once while the writer is idle.
+    direct: Arc<sink::SharedSink>,
 }
 
 impl Outbox {
@@ -262,12 +275,23 @@ impl Outbox {
             tx,
             bytes: Arc::new(Semaphore::new(max_bytes as usize)),
             max_bytes,
+            direct: Arc::default(),
         };
         (outbox, rx)
     }
 
-    /// Queues a text frame, waiting for room.
+    /// The socket sink this outbox writes to directly, once installed.
+    pub(crate) fn direct(&self) -> &Arc<sink::SharedSink> {
+        &self.direct
+    }
+
+    /// Writes a text frame at once when the writer is idle and nothing is queued; otherwise
+    /// queues it, waiting for room.
     pub(crate) async fn send_text(&self, text: Utf8Bytes) -> Result<(), Closed> {
+        let (text, ticket) = match self.direct.write_now(text, &self.tx) {
+            Ok(()) => return Ok(()),
+            Err(queued) => queued,
+        };
         let want = u32::try_from(text.len())
             .unwrap_or(u32::MAX)
             .clamp(1, self.max_bytes);
@@ -277,8 +301,12 @@ impl Outbox {
             .acquire_many_owned(want)
             .await
             .map_err(|_| Closed)?;
+        let held = Held {
+            _bytes: permit,
+            _ticket: ticket,
+        };
         self.tx
-            .send_async(Outbound::Text(text, permit))
+            .send_async(Outbound::Text(text, held))
             .await
             .map_err(|_| Closed)
     }
@@ -286,7 +314,7 @@ impl Outbox {
     /// Queues a close frame (after the frames already queued).
     pub(crate) async fn send_close(&self, frame: CloseFrame) -> Result<(), Closed> {
         self.tx
-            .send_async(Outbound::Close(frame))
+            .send_async(Outbound::Close(frame, self.direct.ticket()))
             .await
             .map_err(|_| Closed)
     }
