@@ -140,7 +140,11 @@ async fn subscribe_many_over_the_cap_stops_at_it() {
 /// stream's history (16 MiB) for it, then lets it go with 1013. Before the byte bounds, 256
 /// queued frames and 1,024 queued events of this size could hold 640 MB (2,000 such rows
 /// peaked at 1.19 GB).
-#[tokio::test]
+///
+/// Two runtime threads: once let go, the stalled client must read its backlog (some MiB)
+/// within the server's close timeout (2 s) while the rows are still being written, and on one
+/// thread that race depends on how busy the machine is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_subscriber_of_large_rows_costs_its_byte_budget_then_1013() {
     let dir = std::env::temp_dir().join(format!("dcrf-limits-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

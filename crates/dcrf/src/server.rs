@@ -838,16 +838,26 @@ async fn run_connection<S: Session>(
     direct.install(sink, sent.clone());
     // The writer is a task of its own: one future of this task polled beside the reader served
     // the median reply sooner but the slowest ones later (measured in BENCHMARKS.md), and it
-    // saved no memory, the writer's state moving into this task. While it is idle, senders
-    // write to the socket themselves (see `consumer::sink`).
+    // saved no memory, the writer's state moving into this task. While it is idle, this task
+    // writes its own frames to the socket (see `consumer::sink`).
     let mut writer = tokio::spawn(write_loop(
-        direct,
+        direct.clone(),
         rx,
         close_rx,
         guard.ping_interval(),
         sent,
     ));
-    let close = read_loop(stream, &mut session, inbox, &lag, &kick, &guard, &shutdown).await;
+    let close = read_loop(
+        stream,
+        &mut session,
+        inbox,
+        &lag,
+        &kick,
+        &guard,
+        &shutdown,
+        &direct,
+    )
+    .await;
     session.finish().await;
     let (code, reason) = close.unwrap_or((1000, ""));
     if code == 1013 {
@@ -874,6 +884,7 @@ const TOO_SLOW: (u16, &str) = (1013, "too slow: subscription events dropped");
 
 /// Reads and handles frames, events and catch-ups until the connection is to end; returns the
 /// close frame to send, if any.
+#[allow(clippy::too_many_arguments)]
 async fn read_loop<S: Session>(
     mut stream: futures_util::stream::SplitStream<WebSocket>,
     session: &mut S,
@@ -882,6 +893,7 @@ async fn read_loop<S: Session>(
     kicked: &CancellationToken,
     guard: &Guard,
     shutdown: &CancellationToken,
+    direct: &SharedSink,
 ) -> Option<(u16, &'static str)> {
     // Keepalive and credential expiry: one timer each for the whole connection.
     let ended = guard.ended();
@@ -895,21 +907,28 @@ async fn read_loop<S: Session>(
     let stuck = lag.stuck();
     tokio::pin!(shutting_down, kick, catch_up_due, stuck);
     loop {
-        let work = tokio::select! {
-            biased;
-            _ = &mut shutting_down => return Some((1001, "server shutting down")),
-            _ = &mut kick => return Some(TOO_SLOW),
-            end = &mut ended => return Some(end),
-            Some((member, event)) = inbox.next() => {
-                lag.dequeued(&event);
-                Work::Event(member, event)
+        let next = async {
+            tokio::select! {
+                biased;
+                _ = &mut shutting_down => Err(Some((1001, "server shutting down"))),
+                _ = &mut kick => Err(Some(TOO_SLOW)),
+                end = &mut ended => Err(Some(end)),
+                Some((member, event)) = inbox.next() => {
+                    lag.dequeued(&event);
+                    Ok(Work::Event(member, event))
+                }
+                // After the queued events: what did not fit is read back from history.
+                _ = &mut catch_up_due => {
+                    catch_up_due.set(lag.due());
+                    Ok(Work::CatchUp)
+                }
+                message = stream.next() => Ok(Work::Frame(message)),
             }
-            // After the queued events: what did not fit is read back from history.
-            _ = &mut catch_up_due => {
-                catch_up_due.set(lag.due());
-                Work::CatchUp
-            }
-            message = stream.next() => Work::Frame(message),
+        };
+        // Nothing more to do for now: what this task wrote goes out before it waits.
+        let work = match direct.reading(next).await {
+            Ok(work) => work,
+            Err(close) => return close,
         };
         if let Work::Frame(message) = &work {
             guard.seen();
@@ -939,7 +958,7 @@ async fn read_loop<S: Session>(
             _ = &mut kick => return Some(TOO_SLOW),
             _ = &mut stuck => return Some(TOO_SLOW),
             end = &mut ended => return Some(end),
-            end = step => if let Some(close) = end { return close },
+            end = direct.reading(step) => if let Some(close) = end { return close },
         }
     }
 }
@@ -997,11 +1016,19 @@ async fn drain(
     // The outbound bytes of the frames being written, given back once they are flushed (one
     // buffer for the connection's life: no allocation per flush).
     let mut written = Vec::new();
-    let mut flushes = Vec::new();
     let mut queued = rx.stream();
     loop {
         let first = tokio::select! {
             first = queued.next() => first,
+            // The read loop left bytes the socket could not take at once.
+            _ = sink.flush_wanted() => {
+                sink.set_writing(true);
+                if flush(sink).await.is_err() {
+                    return;
+                }
+                sink.set_writing(false);
+                continue;
+            }
             _ = pings.tick() => {
                 sink.set_writing(true);
                 let pinged = feed(sink, Message::Ping(Default::default())).await.is_ok()
@@ -1025,7 +1052,6 @@ async fn drain(
                     sent.increment(1);
                     written.push(held);
                 }
-                Outbound::Flush(ticket) => flushes.push(ticket),
                 Outbound::Close(frame, _ticket) => return send_close(sink, frame).await,
             }
             next = rx.try_recv().ok();
@@ -1035,7 +1061,6 @@ async fn drain(
         }
         // The frames' budget and tickets go back: direct writes may follow them now.
         written.clear();
-        flushes.clear();
         sink.set_writing(false);
     }
     if let Ok(frame) = close.await {

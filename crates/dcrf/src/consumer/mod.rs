@@ -240,8 +240,6 @@ pub(crate) fn wrap_stream(stream: &str, payload: &str) -> String {
 pub(crate) enum Outbound {
     /// A text frame, with the bytes of the outbound budget it holds until it is written.
     Text(Utf8Bytes, Held),
-    /// Flush what a direct write left in the socket's buffer (see [`sink`]).
-    Flush(sink::Ticket),
     Close(CloseFrame, sink::Ticket),
 }
 
@@ -285,10 +283,10 @@ impl Outbox {
         &self.direct
     }
 
-    /// Writes a text frame at once when the writer is idle and nothing is queued; otherwise
-    /// queues it, waiting for room.
+    /// Writes a text frame at once when this is the connection's read loop, its writer is idle
+    /// and nothing is queued (see [`sink`]); otherwise queues it, waiting for room.
     pub(crate) async fn send_text(&self, text: Utf8Bytes) -> Result<(), Closed> {
-        let (text, ticket) = match self.direct.write_now(text, &self.tx) {
+        let (text, ticket) = match self.direct.write_now(text) {
             Ok(()) => return Ok(()),
             Err(queued) => queued,
         };

@@ -1,17 +1,22 @@
-//! The socket's write half, shared by the connection's writer task and direct writes.
+//! The socket's write half, shared by the connection's writer task and its read loop.
 //!
-//! A frame sent while the writer is idle and nothing is queued is written by the sender
-//! itself, at once: no hand-off to the writer task, no wake-up, no queue. Anything else (a
-//! busy writer, queued frames, a socket that cannot take the frame now) goes through the
-//! outbound queue as before, so frames keep the order they were sent in and a client that
+//! A frame that the connection's own task sends (a reply, a push it delivers) while the
+//! writer is idle and nothing is queued goes straight into the socket's buffer: no hand-off to
+//! the writer task, no wake-up, no queue. The buffer is flushed whenever that task is about to
+//! wait (its action awaits something, or it has no more input), so what it wrote in one go
+//! leaves in one write, as the writer would have batched it. Anything else (another task's
+//! frame, a busy writer, queued frames, a socket that cannot take the frame now) goes through
+//! the outbound queue as before, so frames keep the order they were sent in and a client that
 //! does not read still backs the queue up (see [`Outbox`](super::Outbox)).
 //!
 //! The sink sits in a mutex that is only ever held for one synchronous poll, never across an
 //! `await`. Every frame that goes through the queue holds a [`Ticket`] until the writer has
-//! flushed it (or it is dropped unsent), and a direct write waits for none: it is only made
-//! while no ticket is out, so it can never overtake a queued frame. While the writer polls the
-//! sink itself (a batch, a ping, the close), direct writes wait too: the sink keeps one waker.
+//! flushed it (or it is dropped unsent), and a direct write is only made while no ticket is
+//! out, so it can never overtake a queued frame. While the writer polls the sink itself (a
+//! batch, a ping, the close), direct writes wait too: the sink keeps one waker.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,11 +25,14 @@ use std::task::{Context, Poll, Waker};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures_util::Sink;
 use futures_util::stream::SplitSink;
-
-use super::Outbound;
+use tokio::sync::Notify;
 
 /// The write half of a socket.
 pub(crate) type SocketSink = SplitSink<WebSocket, Message>;
+
+/// The most direct writes left unflushed at once: a read loop with input always ready still
+/// flushes this often.
+const MAX_UNFLUSHED: u32 = 32;
 
 /// A connection's socket sink, once the socket is open, and what keeps direct writes in order.
 #[derive(Debug, Default)]
@@ -32,6 +40,8 @@ pub(crate) struct SharedSink {
     state: Mutex<SinkState>,
     /// Frames queued or in the writer's hands, not yet flushed (the tickets out).
     queued: Arc<AtomicUsize>,
+    /// Wakes the writer to flush what the read loop could not.
+    flush_wanted: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -39,11 +49,16 @@ struct SinkState {
     sink: Option<SocketSink>,
     /// The writer is polling the sink (its waker is the one registered).
     writing: bool,
+    /// Direct writes waiting in the socket's buffer for the read loop's next flush.
+    unflushed: u32,
+    /// Held while the writer has a flush to finish for the read loop.
+    handed_over: Option<Ticket>,
     /// Frames written, for the connection's `dcrf_messages_sent_total`.
     sent: Option<::metrics::Counter>,
 }
 
-/// A frame on its way through the queue; direct writes wait while any is out.
+/// A frame on its way through the queue (or a flush handed to the writer); direct writes
+/// wait while any is out.
 #[derive(Debug)]
 pub(crate) struct Ticket(Arc<AtomicUsize>);
 
@@ -51,6 +66,11 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+thread_local! {
+    /// The sink of the read loop being polled on this thread (its address), if any.
+    static READING: Cell<usize> = const { Cell::new(0) };
 }
 
 impl SharedSink {
@@ -67,18 +87,14 @@ impl SharedSink {
         Ticket(self.queued.clone())
     }
 
-    /// Writes `text` now if nothing is queued or being written and the socket takes it;
-    /// otherwise gives it back with a ticket, for the queue. A frame the socket took but could
-    /// not flush at once is left to the writer (woken by a flush request on `queue`).
-    pub(crate) fn write_now(
-        &self,
-        text: Utf8Bytes,
-        queue: &flume::Sender<Outbound>,
-    ) -> Result<(), (Utf8Bytes, Ticket)> {
+    /// Writes `text` into the socket's buffer now if this is the connection's read loop,
+    /// nothing is queued or being written and the socket takes it; otherwise gives it back
+    /// with a ticket, for the queue. The read loop flushes it before it next waits.
+    pub(crate) fn write_now(&self, text: Utf8Bytes) -> Result<(), (Utf8Bytes, Ticket)> {
+        let own = READING.with(Cell::get) == self as *const SharedSink as usize;
         let mut guard = crate::sync::lock(&self.state);
         let state = &mut *guard;
-        let idle =
-            !state.writing && self.queued.load(Ordering::Acquire) == 0 && !queue.is_disconnected();
+        let idle = own && !state.writing && self.queued.load(Ordering::Acquire) == 0;
         let sink = match state.sink.as_mut() {
             Some(sink) if idle => sink,
             _ => return Err((text, self.ticket())),
@@ -90,21 +106,56 @@ impl SharedSink {
         ) {
             return Err((text, self.ticket()));
         }
-        if Pin::new(&mut *sink)
-            .start_send(Message::Text(text))
-            .is_err()
-        {
-            // The socket is gone; the reader sees it end.
-            return Ok(());
+        if Pin::new(&mut *sink).start_send(Message::Text(text)).is_ok() {
+            state.unflushed += 1;
+            if let Some(sent) = &state.sent {
+                sent.increment(1);
+            }
         }
-        if let Some(sent) = &state.sent {
-            sent.increment(1);
-        }
-        if Pin::new(&mut *sink).poll_flush(&mut cx).is_pending() {
-            // The rest is the writer's; direct writes wait until it has flushed.
-            let _ = queue.try_send(Outbound::Flush(self.ticket()));
+        // Else the socket is gone; the reader sees it end.
+        if state.unflushed >= MAX_UNFLUSHED {
+            self.flush_direct(state);
         }
         Ok(())
+    }
+
+    /// Flushes what direct writes left in the socket's buffer; what the socket cannot take now
+    /// is handed to the writer, and direct writes wait until it has flushed.
+    fn flush_direct(&self, state: &mut SinkState) {
+        if std::mem::take(&mut state.unflushed) == 0 || state.writing {
+            // Nothing to flush, or the writer is flushing.
+            return;
+        }
+        let Some(sink) = state.sink.as_mut() else {
+            return;
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        if Pin::new(sink).poll_flush(&mut cx).is_pending() {
+            state.handed_over = Some(self.ticket());
+            self.flush_wanted.notify_one();
+        }
+    }
+
+    /// Runs `future` as a step of the connection's read loop: frames its task sends are
+    /// written directly, and flushed whenever it is about to wait.
+    pub(crate) async fn reading<F: Future>(&self, future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        let me = self as *const SharedSink as usize;
+        std::future::poll_fn(|cx| {
+            let outer = READING.with(|r| r.replace(me));
+            let polled = future.as_mut().poll(cx);
+            READING.with(|r| r.set(outer));
+            if polled.is_pending() {
+                self.flush_direct(&mut crate::sync::lock(&self.state));
+            }
+            polled
+        })
+        .await
+    }
+
+    /// Waits until the read loop hands the writer a flush it could not finish.
+    pub(crate) async fn flush_wanted(&self) {
+        self.flush_wanted.notified().await;
     }
 
     /// Polls the sink with `f` (for the writer); `None` when no socket is installed.
@@ -120,9 +171,17 @@ impl SharedSink {
         }
     }
 
-    /// Marks whether the writer is polling the sink.
+    /// Marks whether the writer is polling the sink. When it stops, a flush it was handed is
+    /// done (it has flushed since).
     pub(crate) fn set_writing(&self, writing: bool) {
-        crate::sync::lock(&self.state).writing = writing;
+        let mut state = crate::sync::lock(&self.state);
+        state.writing = writing;
+        if writing {
+            // Whatever direct writes left in the buffer, the writer's flush takes.
+            state.unflushed = 0;
+        } else {
+            drop(state.handed_over.take());
+        }
     }
 
     /// Takes the sink out (the connection is over).

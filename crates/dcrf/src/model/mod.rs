@@ -812,7 +812,7 @@ async fn subscribe_instance<C: ModelConsumer>(
 ) -> Result<Reply<()>, ApiError> {
     let rid = subscription_request_id(frame)?;
     crate::consumer::since(frame)?;
-    let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
+    let object = read_object(c, ctx, frame).await?;
     check_object(c, ctx, "subscribe_instance", &object).await?;
     let key = db::pk_json::<C::Entity>(&object).to_string();
     let pk = serde_json::value::RawValue::from_string(key.clone()).map_err(ApiError::internal)?;
@@ -838,7 +838,7 @@ async fn unsubscribe_instance<C: ModelConsumer>(
         // As DCRF: the id leaves every instance group of this consumer.
         Some(rid) => observer.observer().unsubscribe_request(ctx, rid),
         None => {
-            let object = get_object(c, ctx, frame, c.db().conn(), false).await?;
+            let object = read_object(c, ctx, frame).await?;
             let key = db::pk_json::<C::Entity>(&object).to_string();
             observer.unsubscribe(ctx, &key, None);
         }
