@@ -211,7 +211,7 @@ impl LocalDemux {
     pub fn receive(&mut self) -> Option<String> {
         match self.rx.try_recv().ok()? {
             crate::consumer::Outbound::Text(t, _) => Some(t.to_string()),
-            crate::consumer::Outbound::Close(..) => None,
+            crate::consumer::Outbound::Flush(_) | crate::consumer::Outbound::Close(..) => None,
         }
     }
 }

@@ -847,17 +847,12 @@ async fn run_connection<S: Session>(
         guard.ping_interval(),
         sent,
     ));
-    let close = read_loop(
-        stream,
-        &mut session,
-        inbox,
-        &lag,
-        &kick,
-        &guard,
-        &shutdown,
-        &direct,
-    )
-    .await;
+    // The reader writes its own frames, flushed whenever it is about to wait.
+    let close = {
+        let read = read_loop(stream, &mut session, inbox, &lag, &kick, &guard, &shutdown);
+        tokio::pin!(read);
+        direct.reading(read).await
+    };
     session.finish().await;
     let (code, reason) = close.unwrap_or((1000, ""));
     if code == 1013 {
@@ -884,7 +879,6 @@ const TOO_SLOW: (u16, &str) = (1013, "too slow: subscription events dropped");
 
 /// Reads and handles frames, events and catch-ups until the connection is to end; returns the
 /// close frame to send, if any.
-#[allow(clippy::too_many_arguments)]
 async fn read_loop<S: Session>(
     mut stream: futures_util::stream::SplitStream<WebSocket>,
     session: &mut S,
@@ -893,7 +887,6 @@ async fn read_loop<S: Session>(
     kicked: &CancellationToken,
     guard: &Guard,
     shutdown: &CancellationToken,
-    direct: &SharedSink,
 ) -> Option<(u16, &'static str)> {
     // Keepalive and credential expiry: one timer each for the whole connection.
     let ended = guard.ended();
@@ -907,28 +900,21 @@ async fn read_loop<S: Session>(
     let stuck = lag.stuck();
     tokio::pin!(shutting_down, kick, catch_up_due, stuck);
     loop {
-        let next = async {
-            tokio::select! {
-                biased;
-                _ = &mut shutting_down => Err(Some((1001, "server shutting down"))),
-                _ = &mut kick => Err(Some(TOO_SLOW)),
-                end = &mut ended => Err(Some(end)),
-                Some((member, event)) = inbox.next() => {
-                    lag.dequeued(&event);
-                    Ok(Work::Event(member, event))
-                }
-                // After the queued events: what did not fit is read back from history.
-                _ = &mut catch_up_due => {
-                    catch_up_due.set(lag.due());
-                    Ok(Work::CatchUp)
-                }
-                message = stream.next() => Ok(Work::Frame(message)),
+        let work = tokio::select! {
+            biased;
+            _ = &mut shutting_down => return Some((1001, "server shutting down")),
+            _ = &mut kick => return Some(TOO_SLOW),
+            end = &mut ended => return Some(end),
+            Some((member, event)) = inbox.next() => {
+                lag.dequeued(&event);
+                Work::Event(member, event)
             }
-        };
-        // Nothing more to do for now: what this task wrote goes out before it waits.
-        let work = match direct.reading(next).await {
-            Ok(work) => work,
-            Err(close) => return close,
+            // After the queued events: what did not fit is read back from history.
+            _ = &mut catch_up_due => {
+                catch_up_due.set(lag.due());
+                Work::CatchUp
+            }
+            message = stream.next() => Work::Frame(message),
         };
         if let Work::Frame(message) = &work {
             guard.seen();
@@ -958,7 +944,7 @@ async fn read_loop<S: Session>(
             _ = &mut kick => return Some(TOO_SLOW),
             _ = &mut stuck => return Some(TOO_SLOW),
             end = &mut ended => return Some(end),
-            end = direct.reading(step) => if let Some(close) = end { return close },
+            end = step => if let Some(close) = end { return close },
         }
     }
 }
@@ -995,40 +981,23 @@ fn close_for_error(e: axum::Error) -> Option<(u16, &'static str)> {
 /// With keepalive on, a ping goes out every `ping_interval` (the reader closes peers that stay
 /// silent, see [`Dcrf::pong_timeout`]).
 async fn write_loop(
-    sink: Arc<SharedSink>,
+    shared: Arc<SharedSink>,
     rx: flume::Receiver<Outbound>,
     close: tokio::sync::oneshot::Receiver<CloseFrame>,
     ping_interval: Option<Duration>,
     sent: ::metrics::Counter,
 ) {
-    drain(&sink, rx, close, ping_interval, sent).await;
-    drop(sink.take());
-}
-
-async fn drain(
-    sink: &SharedSink,
-    rx: flume::Receiver<Outbound>,
-    close: tokio::sync::oneshot::Receiver<CloseFrame>,
-    ping_interval: Option<Duration>,
-    sent: ::metrics::Counter,
-) {
+    let sink = &*shared;
+    let _release = ReleaseSink(sink);
     let mut pings = crate::guard::Pings::new(ping_interval);
     // The outbound bytes of the frames being written, given back once they are flushed (one
     // buffer for the connection's life: no allocation per flush).
     let mut written = Vec::new();
+    let mut flushes = Vec::new();
     let mut queued = rx.stream();
     loop {
         let first = tokio::select! {
             first = queued.next() => first,
-            // The read loop left bytes the socket could not take at once.
-            _ = sink.flush_wanted() => {
-                sink.set_writing(true);
-                if flush(sink).await.is_err() {
-                    return;
-                }
-                sink.set_writing(false);
-                continue;
-            }
             _ = pings.tick() => {
                 sink.set_writing(true);
                 let pinged = feed(sink, Message::Ping(Default::default())).await.is_ok()
@@ -1052,6 +1021,8 @@ async fn drain(
                     sent.increment(1);
                     written.push(held);
                 }
+                // The read loop left bytes the socket could not take at once: the flush below.
+                Outbound::Flush(ticket) => flushes.push(ticket),
                 Outbound::Close(frame, _ticket) => return send_close(sink, frame).await,
             }
             next = rx.try_recv().ok();
@@ -1061,11 +1032,21 @@ async fn drain(
         }
         // The frames' budget and tickets go back: direct writes may follow them now.
         written.clear();
+        flushes.clear();
         sink.set_writing(false);
     }
     if let Ok(frame) = close.await {
         sink.set_writing(true);
         send_close(sink, frame).await;
+    }
+}
+
+/// Takes the socket out of its shared sink when the writer ends (returns or is aborted).
+struct ReleaseSink<'a>(&'a SharedSink);
+
+impl Drop for ReleaseSink<'_> {
+    fn drop(&mut self) {
+        drop(self.0.take());
     }
 }
 

@@ -534,7 +534,7 @@ impl<C: crate::consumer::Consumer> LocalConnection<C> {
     pub fn receive(&mut self) -> Option<String> {
         match self.rx.try_recv().ok()? {
             crate::consumer::Outbound::Text(t, _) => Some(t.to_string()),
-            crate::consumer::Outbound::Close(..) => None,
+            crate::consumer::Outbound::Flush(_) | crate::consumer::Outbound::Close(..) => None,
         }
     }
 }

@@ -240,6 +240,8 @@ pub(crate) fn wrap_stream(stream: &str, payload: &str) -> String {
 pub(crate) enum Outbound {
     /// A text frame, with the bytes of the outbound budget it holds until it is written.
     Text(Utf8Bytes, Held),
+    /// Flush what the read loop's direct writes left in the socket's buffer (see [`sink`]).
+    Flush(sink::Ticket),
     Close(CloseFrame, sink::Ticket),
 }
 
@@ -270,10 +272,10 @@ impl Outbox {
         let (tx, rx) = flume::bounded(frames.max(1));
         let max_bytes = u32::try_from(bytes.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
         let outbox = Outbox {
+            direct: Arc::new(sink::SharedSink::new(&tx)),
             tx,
             bytes: Arc::new(Semaphore::new(max_bytes as usize)),
             max_bytes,
-            direct: Arc::default(),
         };
         (outbox, rx)
     }

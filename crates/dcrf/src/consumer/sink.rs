@@ -25,7 +25,8 @@ use std::task::{Context, Poll, Waker};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures_util::Sink;
 use futures_util::stream::SplitSink;
-use tokio::sync::Notify;
+
+use super::Outbound;
 
 /// The write half of a socket.
 pub(crate) type SocketSink = SplitSink<WebSocket, Message>;
@@ -35,13 +36,14 @@ pub(crate) type SocketSink = SplitSink<WebSocket, Message>;
 const MAX_UNFLUSHED: u32 = 32;
 
 /// A connection's socket sink, once the socket is open, and what keeps direct writes in order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SharedSink {
     state: Mutex<SinkState>,
     /// Frames queued or in the writer's hands, not yet flushed (the tickets out).
     queued: Arc<AtomicUsize>,
-    /// Wakes the writer to flush what the read loop could not.
-    flush_wanted: Notify,
+    /// The outbound queue, to hand the writer a flush the read loop could not finish (weak:
+    /// the queue still closes when the last outbox goes).
+    queue: flume::WeakSender<Outbound>,
 }
 
 #[derive(Debug, Default)]
@@ -51,8 +53,6 @@ struct SinkState {
     writing: bool,
     /// Direct writes waiting in the socket's buffer for the read loop's next flush.
     unflushed: u32,
-    /// Held while the writer has a flush to finish for the read loop.
-    handed_over: Option<Ticket>,
     /// Frames written, for the connection's `dcrf_messages_sent_total`.
     sent: Option<::metrics::Counter>,
 }
@@ -74,6 +74,15 @@ thread_local! {
 }
 
 impl SharedSink {
+    /// The sink of the connection whose writer drains `queue`, until a socket is installed.
+    pub(crate) fn new(queue: &flume::Sender<Outbound>) -> SharedSink {
+        SharedSink {
+            state: Mutex::default(),
+            queued: Arc::default(),
+            queue: queue.downgrade(),
+        }
+    }
+
     /// Installs the socket's sink; frames written through it count on `sent`.
     pub(crate) fn install(&self, sink: SocketSink, sent: ::metrics::Counter) {
         let mut state = crate::sync::lock(&self.state);
@@ -130,32 +139,18 @@ impl SharedSink {
             return;
         };
         let mut cx = Context::from_waker(Waker::noop());
-        if Pin::new(sink).poll_flush(&mut cx).is_pending() {
-            state.handed_over = Some(self.ticket());
-            self.flush_wanted.notify_one();
+        if Pin::new(sink).poll_flush(&mut cx).is_pending()
+            && let Some(queue) = self.queue.upgrade()
+        {
+            // A full queue has frames for the writer anyway: it flushes after them.
+            let _ = queue.try_send(Outbound::Flush(self.ticket()));
         }
     }
 
-    /// Runs `future` as a step of the connection's read loop: frames its task sends are
-    /// written directly, and flushed whenever it is about to wait.
-    pub(crate) async fn reading<F: Future>(&self, future: F) -> F::Output {
-        let mut future = std::pin::pin!(future);
-        let me = self as *const SharedSink as usize;
-        std::future::poll_fn(|cx| {
-            let outer = READING.with(|r| r.replace(me));
-            let polled = future.as_mut().poll(cx);
-            READING.with(|r| r.set(outer));
-            if polled.is_pending() {
-                self.flush_direct(&mut crate::sync::lock(&self.state));
-            }
-            polled
-        })
-        .await
-    }
-
-    /// Waits until the read loop hands the writer a flush it could not finish.
-    pub(crate) async fn flush_wanted(&self) {
-        self.flush_wanted.notified().await;
+    /// `future` as the connection's read loop: frames it sends are written directly, and
+    /// flushed whenever it is about to wait.
+    pub(crate) fn reading<'a, F: Future>(&'a self, future: Pin<&'a mut F>) -> Reading<'a, F> {
+        Reading { sink: self, future }
     }
 
     /// Polls the sink with `f` (for the writer); `None` when no socket is installed.
@@ -171,21 +166,40 @@ impl SharedSink {
         }
     }
 
-    /// Marks whether the writer is polling the sink. When it stops, a flush it was handed is
-    /// done (it has flushed since).
+    /// Marks whether the writer is polling the sink.
     pub(crate) fn set_writing(&self, writing: bool) {
         let mut state = crate::sync::lock(&self.state);
         state.writing = writing;
         if writing {
             // Whatever direct writes left in the buffer, the writer's flush takes.
             state.unflushed = 0;
-        } else {
-            drop(state.handed_over.take());
         }
     }
 
     /// Takes the sink out (the connection is over).
     pub(crate) fn take(&self) -> Option<SocketSink> {
         crate::sync::lock(&self.state).sink.take()
+    }
+}
+
+/// A connection's read loop (see [`SharedSink::reading`]).
+pub(crate) struct Reading<'a, F> {
+    sink: &'a SharedSink,
+    future: Pin<&'a mut F>,
+}
+
+impl<F: Future> Future for Reading<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let me = self.sink as *const SharedSink as usize;
+        let outer = READING.with(|r| r.replace(me));
+        let polled = self.future.as_mut().poll(cx);
+        READING.with(|r| r.set(outer));
+        if polled.is_pending() {
+            self.sink
+                .flush_direct(&mut crate::sync::lock(&self.sink.state));
+        }
+        polled
     }
 }
