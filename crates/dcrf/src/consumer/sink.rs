@@ -35,6 +35,11 @@ pub(crate) type SocketSink = SplitSink<WebSocket, Message>;
 /// flushes this often.
 const MAX_UNFLUSHED: u32 = 32;
 
+/// The most bytes of direct writes left unflushed at once. A socket that does not take them
+/// then hands its frames to the writer and the byte-bounded queue, so a client that stops
+/// reading holds at most this (and one frame) beyond the outbound budget.
+const MAX_UNFLUSHED_BYTES: usize = 64 << 10;
+
 /// A connection's socket sink, once the socket is open, and what keeps direct writes in order.
 #[derive(Debug)]
 pub(crate) struct SharedSink {
@@ -51,8 +56,10 @@ struct SinkState {
     sink: Option<SocketSink>,
     /// The writer is polling the sink (its waker is the one registered).
     writing: bool,
-    /// Direct writes waiting in the socket's buffer for the read loop's next flush.
+    /// Direct writes waiting in the socket's buffer for the read loop's next flush, and their
+    /// bytes.
     unflushed: u32,
+    unflushed_bytes: usize,
     /// Frames written, for the connection's `dcrf_messages_sent_total`.
     sent: Option<::metrics::Counter>,
 }
@@ -115,14 +122,16 @@ impl SharedSink {
         ) {
             return Err((text, self.ticket()));
         }
+        let bytes = text.len();
         if Pin::new(&mut *sink).start_send(Message::Text(text)).is_ok() {
             state.unflushed += 1;
+            state.unflushed_bytes += bytes;
             if let Some(sent) = &state.sent {
                 sent.increment(1);
             }
         }
         // Else the socket is gone; the reader sees it end.
-        if state.unflushed >= MAX_UNFLUSHED {
+        if state.unflushed >= MAX_UNFLUSHED || state.unflushed_bytes >= MAX_UNFLUSHED_BYTES {
             self.flush_direct(state);
         }
         Ok(())
@@ -131,6 +140,7 @@ impl SharedSink {
     /// Flushes what direct writes left in the socket's buffer; what the socket cannot take now
     /// is handed to the writer, and direct writes wait until it has flushed.
     fn flush_direct(&self, state: &mut SinkState) {
+        state.unflushed_bytes = 0;
         if std::mem::take(&mut state.unflushed) == 0 || state.writing {
             // Nothing to flush, or the writer is flushing.
             return;
@@ -173,6 +183,7 @@ impl SharedSink {
         if writing {
             // Whatever direct writes left in the buffer, the writer's flush takes.
             state.unflushed = 0;
+            state.unflushed_bytes = 0;
         }
     }
 
