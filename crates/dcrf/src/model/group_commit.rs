@@ -31,7 +31,6 @@
 //! RETURNING` together), a `patch` two (savepoint and re-read, then `UPDATE ... RETURNING`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use sea_orm::{ConnAcquireErr, ConnectionTrait, DatabaseTransaction, DbErr};
@@ -95,22 +94,6 @@ impl Savepoint {
         }
     }
 
-    fn encode(savepoint: Option<Savepoint>) -> u8 {
-        match savepoint {
-            None => 0,
-            Some(Savepoint::A) => 1,
-            Some(Savepoint::B) => 2,
-        }
-    }
-
-    fn decode(code: u8) -> Option<Savepoint> {
-        match code {
-            1 => Some(Savepoint::A),
-            2 => Some(Savepoint::B),
-            _ => None,
-        }
-    }
-
     /// What a writer's first statement starts with: the release of the savepoint `open` (a
     /// joined writer's), then its own savepoint.
     fn prefix(self, open: Option<Savepoint>) -> &'static str {
@@ -136,10 +119,22 @@ struct Undo {
 }
 
 /// Where a writer's savepoint is.
-const NOT_SENT: u8 = 0;
-const STARTED: u8 = 1;
-/// The first statement failed, or its future was dropped before it answered.
-const UNSURE: u8 = 2;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum First {
+    /// No statement has gone out.
+    NotSent,
+    /// The first statement succeeded: the savepoint is open, the one it released is gone.
+    Started,
+    /// The first statement failed, or its future was dropped before it answered.
+    Unsure,
+}
+
+/// A writer's first statement and the joined writer's savepoint it releases.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    first: First,
+    releases: Option<Savepoint>,
+}
 
 /// A writer's hold on the write slot, from [`GroupCommit::begin`] to [`Slot::join`] (or its
 /// drop, which gives the slot up and leaves its savepoint to be rolled back).
@@ -149,10 +144,7 @@ pub(crate) struct Slot {
     group: Arc<GroupCommit>,
     /// This writer's savepoint.
     savepoint: Savepoint,
-    /// The joined writer's savepoint that this writer's first statement releases (see
-    /// [`Savepoint::encode`]).
-    releases: AtomicU8,
-    state: AtomicU8,
+    progress: std::sync::Mutex<Progress>,
 }
 
 impl GroupCommit {
@@ -177,8 +169,10 @@ impl GroupCommit {
             batch: Some(batch),
             group: self.clone(),
             savepoint,
-            releases: AtomicU8::new(Savepoint::encode(releases)),
-            state: AtomicU8::new(NOT_SENT),
+            progress: std::sync::Mutex::new(Progress {
+                first: First::NotSent,
+                releases,
+            }),
         })
     }
 
@@ -277,25 +271,30 @@ impl Slot {
     /// savepoint changes in front. A first statement that failed is settled first (see
     /// [`resolve`](Self::resolve)).
     pub(crate) async fn statement(&self, sql: String) -> Result<(String, bool), DbErr> {
-        match self.state.load(Ordering::Relaxed) {
-            STARTED => return Ok((sql, false)),
-            UNSURE => {
+        match self.progress().first {
+            First::Started => return Ok((sql, false)),
+            First::Unsure => {
                 self.resolve().await?;
-                if self.state.load(Ordering::Relaxed) == STARTED {
+                if self.progress().first == First::Started {
                     return Ok((sql, false));
                 }
             }
-            _ => {}
+            First::NotSent => {}
         }
+        let mut progress = crate::sync::lock(&self.progress);
         // Until it answers, its fate is not known (its future may be dropped meanwhile).
-        self.state.store(UNSURE, Ordering::Relaxed);
-        let releases = Savepoint::decode(self.releases.load(Ordering::Relaxed));
-        Ok((format!("{}{sql}", self.savepoint.prefix(releases)), true))
+        progress.first = First::Unsure;
+        let prefix = self.savepoint.prefix(progress.releases);
+        Ok((format!("{prefix}{sql}"), true))
     }
 
     /// Records that a first statement from [`statement`](Self::statement) succeeded.
     pub(crate) fn started(&self) {
-        self.state.store(STARTED, Ordering::Relaxed);
+        crate::sync::lock(&self.progress).first = First::Started;
+    }
+
+    fn progress(&self) -> Progress {
+        *crate::sync::lock(&self.progress)
     }
 
     /// Finds out what a first statement that failed left behind: when this writer's
@@ -314,12 +313,13 @@ impl Slot {
             }
             Ok(false) => {}
         }
-        if let Some(released) = Savepoint::decode(self.releases.load(Ordering::Relaxed)) {
+        if let Some(released) = self.progress().releases {
             run_allowing_absent(outer, &format!("RELEASE {}", released.name()), true).await?;
-            self.releases
-                .store(Savepoint::encode(None), Ordering::Relaxed);
         }
-        self.state.store(NOT_SENT, Ordering::Relaxed);
+        *crate::sync::lock(&self.progress) = Progress {
+            first: First::NotSent,
+            releases: None,
+        };
         Ok(())
     }
 
@@ -327,7 +327,7 @@ impl Slot {
     /// committed and published: by this writer, when it gets the slot back with the batch
     /// still pending, or by another member.
     pub(crate) async fn join(mut self, changes: Vec<Change>, db: &Db) -> Result<(), DbErr> {
-        if self.state.load(Ordering::Relaxed) == UNSURE
+        if self.progress().first == First::Unsure
             && let Err(e) = self.resolve().await
         {
             if let Some(batch) = self.batch.as_mut() {
@@ -338,9 +338,10 @@ impl Slot {
         let (done, mut outcome) = oneshot::channel();
         let group = self.group.clone();
         if let Some(mut batch) = self.batch.take() {
-            batch.open = match self.state.load(Ordering::Relaxed) {
-                STARTED => Some(self.savepoint),
-                _ => Savepoint::decode(self.releases.load(Ordering::Relaxed)),
+            let progress = self.progress();
+            batch.open = match progress.first {
+                First::Started => Some(self.savepoint),
+                _ => progress.releases,
             };
             batch.members.push(Member { changes, done });
         }
@@ -367,14 +368,14 @@ impl Drop for Slot {
             batch.open = None;
             return;
         }
-        let state = self.state.load(Ordering::Relaxed);
-        if state == NOT_SENT {
-            batch.open = Savepoint::decode(self.releases.load(Ordering::Relaxed));
+        let progress = *crate::sync::lock(&self.progress);
+        if progress.first == First::NotSent {
+            batch.open = progress.releases;
         } else {
             batch.undo = Some(Undo {
                 savepoint: self.savepoint,
-                certain: state == STARTED,
-                released: Savepoint::decode(self.releases.load(Ordering::Relaxed)),
+                certain: progress.first == First::Started,
+                released: progress.releases,
             });
         }
     }

@@ -53,17 +53,27 @@ impl TxnConn {
         }
     }
 
-    /// Runs `run` with `sql` as the statement to send: in a batch whose savepoint is not
-    /// started yet, with the `SAVEPOINT` in front.
-    async fn run<T, F>(&self, sql: String, run: impl FnOnce(String) -> F) -> Result<T, DbErr>
+    /// Runs `run` with `stmt` as it is to be sent: in a batch whose savepoint is not started
+    /// yet, with the `SAVEPOINT` in front.
+    async fn run<T, F>(&self, stmt: Statement, run: impl FnOnce(Statement) -> F) -> Result<T, DbErr>
     where
         F: std::future::Future<Output = Result<T, DbErr>>,
     {
         let Scope::Batch(slot) = &self.scope else {
-            return run(sql).await;
+            return run(stmt).await;
         };
+        let Statement {
+            sql,
+            values,
+            db_backend,
+        } = stmt;
         let (sql, first) = slot.statement(sql).await?;
-        let result = run(sql).await;
+        let result = run(Statement {
+            sql,
+            values,
+            db_backend,
+        })
+        .await;
         if first && result.is_ok() {
             slot.started();
         }
@@ -78,58 +88,25 @@ impl ConnectionTrait for TxnConn {
     }
 
     async fn execute_raw(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
-        let Statement {
-            sql,
-            values,
-            db_backend,
-        } = stmt;
-        self.run(sql, |sql| {
-            self.inner().execute_raw(Statement {
-                sql,
-                values,
-                db_backend,
-            })
-        })
-        .await
+        self.run(stmt, |stmt| self.inner().execute_raw(stmt)).await
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
-        self.run(sql.to_owned(), |sql| async move {
-            self.inner().execute_unprepared(&sql).await
+        let stmt = Statement::from_string(self.get_database_backend(), sql);
+        self.run(stmt, |stmt| async move {
+            self.inner().execute_unprepared(&stmt.sql).await
         })
         .await
     }
 
     async fn query_one_raw(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
-        let Statement {
-            sql,
-            values,
-            db_backend,
-        } = stmt;
-        self.run(sql, |sql| {
-            self.inner().query_one_raw(Statement {
-                sql,
-                values,
-                db_backend,
-            })
-        })
-        .await
+        self.run(stmt, |stmt| self.inner().query_one_raw(stmt))
+            .await
     }
 
     async fn query_all_raw(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
-        let Statement {
-            sql,
-            values,
-            db_backend,
-        } = stmt;
-        self.run(sql, |sql| {
-            self.inner().query_all_raw(Statement {
-                sql,
-                values,
-                db_backend,
-            })
-        })
-        .await
+        self.run(stmt, |stmt| self.inner().query_all_raw(stmt))
+            .await
     }
 
     fn support_returning(&self) -> bool {
