@@ -388,6 +388,19 @@ impl<D: Serialize + ?Sized> Envelope<'_, D> {
     }
 }
 
+/// Appends `s` to `out` as a JSON string. Names and epochs rarely hold anything to escape: those
+/// are copied as they are, the rest goes through serde_json.
+pub(crate) fn push_json_str(out: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+    } else {
+        // Serializing a string cannot fail.
+        out.push_str(&serde_json::to_string(s).unwrap_or_default());
+    }
+}
+
 /// Encodes an error reply.
 pub(crate) fn encode_error(
     err: &ApiError,
@@ -407,6 +420,28 @@ pub(crate) fn encode_error(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn json_strings_are_escaped_exactly_as_serde_json_does() {
+        for s in [
+            "list",
+            "",
+            "a\"b",
+            "back\\slash",
+            "line\nbreak",
+            "tab\t",
+            "\u{1}",
+            "é✓",
+        ] {
+            let mut out = String::from("x");
+            super::push_json_str(&mut out, s);
+            assert_eq!(
+                out,
+                format!("x{}", serde_json::to_string(s).unwrap()),
+                "{s:?}"
+            );
+        }
+    }
+
     #[test]
     fn serde_type_errors_in_drf_words() {
         let cases = [

@@ -1198,9 +1198,11 @@ async fn run_handler<C: Consumer>(
         message,
         request_ids,
     };
+    // Boxed: the handler's future is as large as its largest push, and the wrappers around it
+    // would otherwise copy all of it on every event.
     let handled = crate::consumer::with_event_position(
         message.position.as_ref(),
-        catch_panic(consumer.handle_event(ctx, &event)),
+        catch_panic(Box::pin(consumer.handle_event(ctx, &event))),
     )
     .await;
     if let Err(e) = handled {

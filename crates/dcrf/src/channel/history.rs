@@ -48,7 +48,7 @@ impl Position {
     pub(crate) fn write_json(&self, out: &mut String) {
         use std::fmt::Write;
         out.push_str("{\"epoch\":");
-        out.push_str(&serde_json::to_string(&self.epoch).unwrap_or_else(|_| "\"\"".into()));
+        crate::protocol::push_json_str(out, &self.epoch);
         let _ = write!(out, ",\"offset\":{}}}", self.offset);
     }
 }

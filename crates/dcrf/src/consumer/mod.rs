@@ -6,7 +6,6 @@
 pub(crate) mod sink;
 pub(crate) mod subscriptions;
 
-use std::fmt::Write;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +86,10 @@ pub trait Consumer: ActionTable {
         async {}
     }
 }
+
+/// Room left in a push's buffer for the `position` key an event handler adds
+/// (`,"position":{"epoch":"…","offset":…}` with an epoch of up to 32 characters).
+const POSITION_ROOM: usize = 96;
 
 /// Was an action found for a frame? (Macro plumbing.)
 #[doc(hidden)]
@@ -512,17 +515,15 @@ impl Ctx {
             let err = reply_too_large(Some(len), max);
             return self.send_error(&err, Some(action), request_id).await;
         }
-        let mut text = String::with_capacity(len);
+        let mut text = String::with_capacity(len + POSITION_ROOM);
         text.push_str("{\"errors\":[],\"data\":");
         text.push_str(body.get());
         text.push_str(",\"action\":");
         // Escapes whatever the action name holds.
-        text.push_str(&serde_json::to_string(action).unwrap_or_else(|_| "null".into()));
-        let _ = write!(
-            text,
-            ",\"response_status\":{},\"request_id\":",
-            status.as_u16()
-        );
+        crate::protocol::push_json_str(&mut text, action);
+        text.push_str(",\"response_status\":");
+        text.push_str(status.as_str());
+        text.push_str(",\"request_id\":");
         text.push_str(rid);
         text.push('}');
         // In an event handler: the event's position.

@@ -508,7 +508,10 @@ impl Subscriptions {
             }
             Some(c) if p.offset <= c.offset => Accept::Skip,
             Some(c) if p.offset == c.offset + 1 => {
-                sub.cursor = Some(p.clone());
+                // Same epoch: only the offset moves.
+                if let Some(c) = &mut sub.cursor {
+                    c.offset = p.offset;
+                }
                 Accept::Deliver(sub.request_ids.clone())
             }
             Some(_) => Accept::Gap,
