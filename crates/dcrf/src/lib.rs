@@ -96,6 +96,7 @@ mod sync;
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 pub mod view;
+mod wake_gate;
 
 // Lets `#[dcrf::consumer]` expand inside this crate too.
 extern crate self as dcrf;

@@ -59,7 +59,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -86,6 +86,7 @@ use crate::listener::ServeLimits;
 use crate::permission::{Permission, Permissions};
 use crate::protocol::Frame;
 use crate::scope::{Scope, parse_cookies};
+use crate::wake_gate::WakeGate;
 
 /// Application-wide settings shared by every consumer you mount: the authenticator, default
 /// permissions, limits, allowed origins, and the shutdown switch.
@@ -899,22 +900,60 @@ async fn read_loop<S: Session>(
     let catch_up_due = lag.due();
     let stuck = lag.stuck();
     tokio::pin!(shutting_down, kick, catch_up_due, stuck);
+    // The signals are polled only after one of them woke the task (see `WakeGate`), and the
+    // inbox only when it holds something: while it is empty, the waker of its last `Pending`
+    // stays registered with the channel. The socket is polled every time.
+    let signals = WakeGate::new();
+    let mut due = Due::default();
     loop {
-        let work = tokio::select! {
-            biased;
-            _ = &mut shutting_down => return Some((1001, "server shutting down")),
-            _ = &mut kick => return Some(TOO_SLOW),
-            end = &mut ended => return Some(end),
-            Some((member, event)) = inbox.next() => {
-                lag.dequeued(&event);
-                Work::Event(member, event)
+        // In this order: the signals, the queued events, a catch-up, the socket.
+        let work = std::future::poll_fn(|cx| {
+            due.open(&signals, cx);
+            if std::mem::take(&mut due.waiting) {
+                let waker = signals.waker();
+                let mut scx = Context::from_waker(&waker);
+                if shutting_down.as_mut().poll(&mut scx).is_ready() {
+                    return Poll::Ready(Err((1001, "server shutting down")));
+                }
+                if kick.as_mut().poll(&mut scx).is_ready() {
+                    return Poll::Ready(Err(TOO_SLOW));
+                }
+                if let Poll::Ready(end) = ended.as_mut().poll(&mut scx) {
+                    return Poll::Ready(Err(end));
+                }
+            }
+            if due.inbox || !inbox.is_empty() {
+                match inbox.poll_next_unpin(cx) {
+                    Poll::Ready(Some((member, event))) => {
+                        due.inbox = true;
+                        lag.dequeued(&event);
+                        return Poll::Ready(Ok(Work::Event(member, event)));
+                    }
+                    // Closed: as good as empty, with no waker to register.
+                    Poll::Ready(None) | Poll::Pending => due.inbox = false,
+                }
             }
             // After the queued events: what did not fit is read back from history.
-            _ = &mut catch_up_due => {
-                catch_up_due.set(lag.due());
-                Work::CatchUp
+            if std::mem::take(&mut due.catch_up) {
+                let waker = signals.waker();
+                if catch_up_due
+                    .as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_ready()
+                {
+                    catch_up_due.set(lag.due());
+                    due.catch_up = true;
+                    return Poll::Ready(Ok(Work::CatchUp));
+                }
             }
-            message = stream.next() => Work::Frame(message),
+            stream
+                .poll_next_unpin(cx)
+                .map(|message| Ok(Work::Frame(message)))
+        })
+        .await;
+        let work = match work {
+            Ok(work) => work,
+            Err(close) => return Some(close),
         };
         if let Work::Frame(message) = &work {
             guard.seen();
@@ -937,14 +976,58 @@ async fn read_loop<S: Session>(
             }
             None
         };
+        let mut step = std::pin::pin!(step);
         // A connection stuck on a client that does not read is let go when the layer kicks it,
         // or once it has been behind for its slow-client timeout.
-        tokio::select! {
-            biased;
-            _ = &mut kick => return Some(TOO_SLOW),
-            _ = &mut stuck => return Some(TOO_SLOW),
-            end = &mut ended => return Some(end),
-            end = step => if let Some(close) = end { return close },
+        let end = std::future::poll_fn(|cx| {
+            due.open(&signals, cx);
+            if std::mem::take(&mut due.stepping) {
+                let waker = signals.waker();
+                let mut scx = Context::from_waker(&waker);
+                if kick.as_mut().poll(&mut scx).is_ready()
+                    || stuck.as_mut().poll(&mut scx).is_ready()
+                {
+                    return Poll::Ready(Some(Some(TOO_SLOW)));
+                }
+                if let Poll::Ready(end) = ended.as_mut().poll(&mut scx) {
+                    return Poll::Ready(Some(Some(end)));
+                }
+            }
+            step.as_mut().poll(cx)
+        })
+        .await;
+        if let Some(close) = end {
+            return close;
+        }
+    }
+}
+
+/// What the read loop has left to poll: the signals of the wait for work (shutdown, kick,
+/// end), the catch-up signal, the signals watched while a step runs (kick, stuck, end), and
+/// the inbox (after an event: there may be more).
+struct Due {
+    waiting: bool,
+    catch_up: bool,
+    stepping: bool,
+    inbox: bool,
+}
+
+impl Default for Due {
+    fn default() -> Due {
+        Due {
+            waiting: true,
+            catch_up: true,
+            stepping: true,
+            inbox: true,
+        }
+    }
+}
+
+impl Due {
+    /// A wake-up of the signals makes every one of them due.
+    fn open(&mut self, signals: &WakeGate, cx: &Context<'_>) {
+        if signals.open(cx) {
+            (self.waiting, self.catch_up, self.stepping) = (true, true, true);
         }
     }
 }
