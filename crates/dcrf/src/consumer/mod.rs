@@ -231,7 +231,7 @@ pub(crate) struct Link {
 pub(crate) fn wrap_stream(stream: &str, payload: &str) -> String {
     let mut out = String::with_capacity(payload.len() + stream.len() + 24);
     out.push_str("{\"stream\":");
-    out.push_str(&serde_json::to_string(stream).unwrap_or_else(|_| "null".into()));
+    crate::protocol::push_json_str(&mut out, stream);
     out.push_str(",\"payload\":");
     out.push_str(payload);
     out.push('}');
