@@ -2,8 +2,10 @@
 //! exactly as a newcomer runs it, and driven over a real socket.
 //!
 //! Cargo builds examples for a plain `cargo test`, but not when the run names its targets
-//! (`--test examples`), so each test first asks cargo to build its example: a no-op when it is
-//! up to date, and never a stale binary.
+//! (`--test examples`), so each test first asks cargo for the build `cargo test --workspace`
+//! makes, examples included: a no-op after that build (what `scripts/test.sh` runs), and never
+//! a stale binary. Building one package's example (`-p dcrf --example NAME`) would resolve
+//! that package's features alone and compile much of the dependency graph a second time.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -97,26 +99,18 @@ fn build(name: &str) -> PathBuf {
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     let target_dir = profile_dir.parent().expect("a target directory");
     match Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "dcrf",
-            "--example",
-            name,
-            "--target-dir",
-        ])
+        .args(["test", "--quiet", "--workspace", "--no-run", "--target-dir"])
         .arg(target_dir)
         .status()
     {
-        Ok(status) => assert!(status.success(), "`cargo build --example {name}` failed"),
+        Ok(status) => assert!(status.success(), "`cargo test --workspace --no-run` failed"),
         // No cargo here (a test archive run elsewhere): use what was built with the tests.
         Err(e) => eprintln!("cannot run cargo ({e}); using the example as built"),
     }
     assert!(
         path.is_file(),
         "the example `{name}` is not built: {} does not exist; build it with \
-         `cargo build -p dcrf --examples`",
+         `cargo test --workspace --no-run`",
         path.display()
     );
     path
