@@ -122,6 +122,68 @@ impl Users {
 
 impl Consumer for Users {}
 
+/// A consumer whose `get_queryset` hides the users named `hidden…`.
+#[derive(Clone)]
+struct Narrowed {
+    db: Db,
+}
+
+impl ModelConsumer for Narrowed {
+    type Entity = user::Entity;
+    type Output = user::Model;
+    type Input = UserInput;
+
+    fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn actions(&self) -> ModelActions {
+        ModelActions::ALL | ModelActions::SUBSCRIBE_INSTANCE
+    }
+
+    fn get_queryset(&self, _: &Ctx, _: &Frame<'_>) -> Select<user::Entity> {
+        user::Entity::find().filter(user::Column::Username.not_like("hidden%"))
+    }
+}
+
+#[dcrf::consumer(model)]
+impl Consumer for Narrowed {}
+
+/// A consumer whose `filter_queryset` keeps the users of the frame's `domain`, if it has one.
+#[derive(Clone)]
+struct ByDomain {
+    db: Db,
+}
+
+impl ModelConsumer for ByDomain {
+    type Entity = user::Entity;
+    type Output = user::Model;
+    type Input = UserInput;
+
+    fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn filter_queryset(
+        &self,
+        _: &Ctx,
+        query: Select<user::Entity>,
+        frame: &Frame<'_>,
+    ) -> Result<Select<user::Entity>, ApiError> {
+        Ok(match frame.field("domain") {
+            Some(raw) => {
+                let domain: String = serde_json::from_str(raw.get())
+                    .map_err(|_| ApiError::field("domain", "Not a string."))?;
+                query.filter(user::Column::Email.ends_with(format!("@{domain}")))
+            }
+            None => query,
+        })
+    }
+}
+
+#[dcrf::consumer(model)]
+impl Consumer for ByDomain {}
+
 async fn serve(db: &Db) -> TestServer {
     db.create_table(user::Entity).await.unwrap();
     let app = Dcrf::new();
@@ -144,6 +206,11 @@ async fn serve(db: &Db) -> TestServer {
             }),
         );
     }
+    let narrowed = Narrowed { db: db.clone() };
+    let by_domain = ByDomain { db: db.clone() };
+    router = router
+        .route("/narrowed/", app.consumer(move || narrowed.clone()))
+        .route("/by-domain/", app.consumer(move || by_domain.clone()));
     TestServer::start(router, app).await
 }
 
@@ -184,6 +251,7 @@ dcrf::backend_tests!(
     custom_lookup_field,
     object_permissions,
     actions_not_served_are_405,
+    querysets_narrow_every_object_read,
 );
 
 async fn generic_consumer(db: Db) {
@@ -893,4 +961,81 @@ async fn actions_not_served_are_405(db: Db) {
             json!(["Method \"list_cancel\" not allowed."])
         )
     );
+}
+
+/// Every read of one object goes through the consumer's own `get_queryset` and
+/// `filter_queryset`, however many objects were read before by consumers that keep the
+/// defaults (whose statement is rendered once and reused).
+async fn querysets_narrow_every_object_read(db: Db) {
+    let s = serve(&db).await;
+    let shown = add_user(&db, "shown", "s@a.example").await;
+    let hidden = add_user(&db, "hidden-1", "h@b.example").await;
+    let shown_json = json!({"id": shown.id, "username": "shown", "email": "s@a.example"});
+    let hidden_json = json!({"id": hidden.id, "username": "hidden-1", "email": "h@b.example"});
+    let not_found = json!(["Not found"]);
+    // A consumer with the default querysets reads both, again and again.
+    let mut plain = connect(&s, "/users/").await;
+    for round in 0..3 {
+        for (user, expected) in [(&shown, &shown_json), (&hidden, &hidden_json)] {
+            assert_eq!(
+                plain
+                    .request(json!({"action": "retrieve", "pk": user.id, "request_id": round}))
+                    .await,
+                ok("retrieve", json!(round), 200, expected.clone())
+            );
+        }
+    }
+    // `get_queryset` hides `hidden-1` from every object action.
+    let mut narrowed = connect(&s, "/narrowed/").await;
+    for round in 0..3 {
+        assert_eq!(
+            narrowed
+                .request(json!({"action": "retrieve", "pk": shown.id, "request_id": round}))
+                .await,
+            ok("retrieve", json!(round), 200, shown_json.clone())
+        );
+        for (action, extra) in [
+            ("retrieve", json!({})),
+            ("patch", json!({"data": {"email": "x@b.example"}})),
+            ("update", json!({"data": {"username": "hidden-2"}})),
+            ("subscribe_instance", json!({})),
+            ("delete", json!({})),
+        ] {
+            let mut req = json!({"action": action, "pk": hidden.id, "request_id": round});
+            req.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            assert_eq!(
+                narrowed.request(req).await,
+                err(action, json!(round), 404, not_found.clone()),
+                "{action}, round {round}"
+            );
+        }
+    }
+    assert_eq!(users(&db).await, [shown.clone(), hidden.clone()]);
+    // `filter_queryset` narrows by the frame's own argument.
+    let mut by_domain = connect(&s, "/by-domain/").await;
+    for round in 0..3 {
+        for (domain, user, expected) in [
+            (json!("b.example"), &hidden, Some(&hidden_json)),
+            (json!("a.example"), &hidden, None),
+            (json!("a.example"), &shown, Some(&shown_json)),
+            (json!("b.example"), &shown, None),
+        ] {
+            let reply = by_domain
+                .request(json!({"action": "retrieve", "pk": user.id, "domain": domain, "request_id": round}))
+                .await;
+            let expected = match expected {
+                Some(data) => ok("retrieve", json!(round), 200, data.clone()),
+                None => err("retrieve", json!(round), 404, not_found.clone()),
+            };
+            assert_eq!(reply, expected, "{domain} {}, round {round}", user.username);
+        }
+        assert_eq!(
+            by_domain
+                .request(json!({"action": "retrieve", "pk": hidden.id, "request_id": round}))
+                .await,
+            ok("retrieve", json!(round), 200, hidden_json.clone())
+        );
+    }
 }

@@ -318,6 +318,30 @@ impl Db {
         Ok(query.limit(1).one(&self.conn).await?)
     }
 
+    /// A point read rendered once ([`super::point_read`]) with `value` looked up: inline on a
+    /// SQLite file as [`read_one`](Self::read_one) runs it, else its `LIMIT 1` statement
+    /// through sea-orm.
+    pub(super) async fn read_point<E>(
+        &self,
+        read: &super::point_read::PointRead,
+        value: sea_orm::Value,
+    ) -> Result<Option<E::Model>, Error>
+    where
+        E: EntityTrait,
+        E::ActiveModel: sea_orm::TryIntoModel<E::Model>,
+    {
+        #[cfg(feature = "sqlite")]
+        if let (Some(reads), Some(sql)) = (&self.sqlite_reads, &read.inline_sql)
+            && let Ok(found) = reads.one_sql::<E>(sql, std::slice::from_ref(&value))
+        {
+            return Ok(found);
+        }
+        Ok(E::find()
+            .from_raw_sql(read.limited_with(value))
+            .one(&self.conn)
+            .await?)
+    }
+
     /// The number of rows `query` selects, as [`PaginatorTrait::count`](sea_orm::PaginatorTrait::count)
     /// on [`conn`](Self::conn) counts them; inline on a SQLite file, like
     /// [`read_one`](Self::read_one).

@@ -69,6 +69,7 @@ mod group_commit;
 mod live;
 mod lookup;
 mod pagination;
+mod point_read;
 #[cfg(feature = "sqlite")]
 mod sqlite_reads;
 mod txn_conn;
@@ -111,6 +112,8 @@ use crate::protocol::Frame;
 pub type ModelOf<C> = <<C as ModelConsumer>::Entity as EntityTrait>::Model;
 /// The active model of a consumer's entity.
 pub type ActiveModelOf<C> = <<C as ModelConsumer>::Entity as EntityTrait>::ActiveModel;
+/// A column of a consumer's entity.
+type ColumnOf<C> = <<C as ModelConsumer>::Entity as EntityTrait>::Column;
 
 /// A sea-orm entity the framework can serve: its model serializes, and its active model can be
 /// sent between tasks. Implemented for every entity that qualifies.
@@ -244,8 +247,14 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
     }
 
     /// The objects this connection may see (DCRF's `get_queryset`). Default: all rows.
+    ///
+    /// While a consumer keeps this default and the default
+    /// [`filter_queryset`](Self::filter_queryset), the SQL of its point reads (`retrieve`,
+    /// the first read of `patch`, `subscribe_instance`) is the same for every request, so it is
+    /// rendered once and only the looked-up value changes.
     fn get_queryset(&self, ctx: &Ctx, frame: &Frame<'_>) -> Select<Self::Entity> {
         let _ = (ctx, frame);
+        point_read::saw_default_get_queryset::<Self>();
         Self::Entity::find()
     }
 
@@ -258,6 +267,7 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
         frame: &Frame<'_>,
     ) -> Result<Select<Self::Entity>, ApiError> {
         let _ = (ctx, frame);
+        point_read::saw_default_filter_queryset::<Self>();
         Ok(query)
     }
 
@@ -471,17 +481,24 @@ pub async fn get_object<C: ModelConsumer, Conn: ConnectionTrait>(
     query.one(conn).await?.ok_or_else(ApiError::not_found)
 }
 
-/// The frame's object outside a transaction, through [`Db::read_one`] (inline on a SQLite
-/// file); 404 when the queryset does not hold it.
+/// The frame's object outside a transaction, inline on a SQLite file (see
+/// [`Db::read_one`]); 404 when the queryset does not hold it. A consumer with the default
+/// queryset hooks runs a statement rendered once ([`point_read`]).
 async fn read_object<C: ModelConsumer>(
     c: &C,
     ctx: &Ctx,
     frame: &Frame<'_>,
 ) -> Result<ModelOf<C>, ApiError> {
-    c.db()
-        .read_one(object_query(c, ctx, frame)?)
-        .await?
-        .ok_or_else(ApiError::not_found)
+    let (field, column, value) = lookup(c, frame)?;
+    let db = c.db();
+    let found = match point_read::point_read::<C>(field, column, &value, db.backend()) {
+        Some(read) => db.read_point::<C::Entity>(&read, value).await?,
+        None => {
+            db.read_one(queryset_lookup(c, ctx, frame, column, value)?)
+                .await?
+        }
+    };
+    found.ok_or_else(ApiError::not_found)
 }
 
 /// The query of [`get_object`]: the queryset, narrowed, then the lookup field.
@@ -490,6 +507,17 @@ fn object_query<C: ModelConsumer>(
     ctx: &Ctx,
     frame: &Frame<'_>,
 ) -> Result<Select<C::Entity>, ApiError> {
+    let (_, column, value) = lookup(consumer, frame)?;
+    queryset_lookup(consumer, ctx, frame, column, value)
+}
+
+/// The frame's lookup: the field, its column and the value it looks up. The field missing is
+/// a 400 on that field; a value that cannot be a key of the column finds nothing (DCRF's 404
+/// for `"abc"`).
+fn lookup<C: ModelConsumer>(
+    consumer: &C,
+    frame: &Frame<'_>,
+) -> Result<(&'static str, ColumnOf<C>, sea_orm::Value), ApiError> {
     let field = consumer.lookup_field();
     let raw = frame
         .field(field)
@@ -500,10 +528,20 @@ fn object_query<C: ModelConsumer>(
         column_named::<C::Entity>(field)
             .ok_or_else(|| ApiError::internal(format!("lookup field {field:?} is not a column")))?
     };
-    // A value that cannot be a key of this column finds nothing (DCRF's 404 for "abc").
     let Some(value) = json_to_value(column, raw.get()) else {
         return Err(ApiError::not_found());
     };
+    Ok((field, column, value))
+}
+
+/// The queryset, narrowed by `filter_queryset`, then `column = value`.
+fn queryset_lookup<C: ModelConsumer>(
+    consumer: &C,
+    ctx: &Ctx,
+    frame: &Frame<'_>,
+    column: ColumnOf<C>,
+    value: sea_orm::Value,
+) -> Result<Select<C::Entity>, ApiError> {
     let query = consumer.filter_queryset(ctx, consumer.get_queryset(ctx, frame), frame)?;
     Ok(query.filter(column.eq(value)))
 }

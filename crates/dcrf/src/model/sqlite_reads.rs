@@ -80,8 +80,22 @@ impl SqliteReads {
         E: EntityTrait,
         E::ActiveModel: TryIntoModel<E::Model>,
     {
+        self.one_sql::<E>(&statement.sql, statement_values(statement))
+    }
+
+    /// [`one`](Self::one) of a select's SQL and its parameters, kept apart (a statement
+    /// rendered once and run with new values).
+    pub(crate) fn one_sql<E>(
+        self: &Arc<Self>,
+        sql: &str,
+        values: &[Value],
+    ) -> Result<Option<E::Model>, Declined>
+    where
+        E: EntityTrait,
+        E::ActiveModel: TryIntoModel<E::Model>,
+    {
         let mut first = None;
-        self.each::<E>(statement, |model| {
+        self.each_sql::<E>(sql, values, |model| {
             first = Some(model);
             ControlFlow::Break(())
         })?;
@@ -94,15 +108,29 @@ impl SqliteReads {
     pub(crate) fn each<E>(
         self: &Arc<Self>,
         statement: &Statement,
+        f: impl FnMut(E::Model) -> ControlFlow<()>,
+    ) -> Result<(), Declined>
+    where
+        E: EntityTrait,
+        E::ActiveModel: TryIntoModel<E::Model>,
+    {
+        self.each_sql::<E>(&statement.sql, statement_values(statement), f)
+    }
+
+    /// [`each`](Self::each) of a select's SQL and its parameters.
+    fn each_sql<E>(
+        self: &Arc<Self>,
+        sql: &str,
+        values: &[Value],
         mut f: impl FnMut(E::Model) -> ControlFlow<()>,
     ) -> Result<(), Declined>
     where
         E: EntityTrait,
         E::ActiveModel: TryIntoModel<E::Model>,
     {
-        let params = self.params(statement)?;
+        let params = self.params(values)?;
         self.with_reader(|conn| {
-            let mut stmt = conn.prepare_cached(&statement.sql).map_err(|_| Declined)?;
+            let mut stmt = conn.prepare_cached(sql).map_err(|_| Declined)?;
             let columns = stmt
                 .column_names()
                 .into_iter()
@@ -131,7 +159,7 @@ impl SqliteReads {
 
     /// The number of rows `statement` selects.
     pub(crate) fn count(self: &Arc<Self>, statement: &Statement) -> Result<u64, Declined> {
-        let params = self.params(statement)?;
+        let params = self.params(statement_values(statement))?;
         let sql = format!("SELECT COUNT(*) FROM ({})", statement.sql);
         self.with_reader(|conn| {
             let mut stmt = conn.prepare_cached(&sql).map_err(|_| Declined)?;
@@ -142,13 +170,12 @@ impl SqliteReads {
         })
     }
 
-    /// The statement's parameters, bound as sqlx would bind them; declined when this
+    /// A statement's parameters, bound as sqlx would bind them; declined when this
     /// database's readers are broken or a value has a type this path leaves to sqlx.
-    fn params<'s>(&self, statement: &'s Statement) -> Result<Vec<ToSqlOutput<'s>>, Declined> {
+    fn params<'s>(&self, values: &'s [Value]) -> Result<Vec<ToSqlOutput<'s>>, Declined> {
         if self.broken.load(Ordering::Relaxed) {
             return Err(Declined);
         }
-        let values = statement.values.as_ref().map_or(&[][..], |v| &v.0[..]);
         values
             .iter()
             .map(bind)
@@ -192,6 +219,11 @@ impl SqliteReads {
             f(&reader.conn)
         })
     }
+}
+
+/// A statement's parameter values, in order.
+fn statement_values(statement: &Statement) -> &[Value] {
+    statement.values.as_ref().map_or(&[][..], |v| &v.0[..])
 }
 
 /// A read-only connection that never waits: a busy database declines instead of blocking

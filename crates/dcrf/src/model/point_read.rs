@@ -1,0 +1,247 @@
+//! The statement of a point read, rendered once.
+//!
+//! `retrieve` (and every other read of one object outside a transaction) runs
+//! `get_queryset`, then `filter_queryset`, then `WHERE <lookup column> = ?`, and renders that
+//! query to SQL. For a consumer that overrides neither queryset hook the SQL is the same on
+//! every request, only the looked-up value changes, yet building and rendering it cost about
+//! as much as the SQLite read itself. So it is rendered once per consumer type, lookup field
+//! and backend, and run again with the new value.
+//!
+//! Whether a consumer overrides a hook is known without asking anyone: the default bodies of
+//! [`ModelConsumer::get_queryset`] and [`ModelConsumer::filter_queryset`] record their
+//! consumer type when they run, and an override can never run them. A consumer type whose
+//! defaults have not been seen (an override, or simply its first request on this thread)
+//! builds its query the long way, exactly as before.
+
+use std::any::TypeId;
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use sea_orm::{
+    ColumnTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, QueryTrait, Statement, Value,
+};
+
+use super::ModelConsumer;
+
+thread_local! {
+    /// Consumer types seen running the default `get_queryset`.
+    static DEFAULT_GET_QUERYSET: RefCell<Vec<TypeId>> = const { RefCell::new(Vec::new()) };
+    /// Consumer types seen running the default `filter_queryset`.
+    static DEFAULT_FILTER_QUERYSET: RefCell<Vec<TypeId>> = const { RefCell::new(Vec::new()) };
+    /// This thread's rendered point reads (a handful: one per consumer type and backend).
+    static POINT_READS: RefCell<Vec<(Key, Arc<PointRead>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A point read's identity: the consumer type, its lookup field, the backend.
+#[derive(Clone, Copy, PartialEq)]
+struct Key {
+    consumer: TypeId,
+    field: &'static str,
+    backend: DbBackend,
+}
+
+/// The query of `SELECT … WHERE <lookup column> = ?` for one consumer type, lookup field and
+/// backend, over the consumer's default queryset.
+#[derive(Debug)]
+pub(crate) struct PointRead {
+    /// The select without `LIMIT`, for SQLite's inline reader (a bound `LIMIT` would make
+    /// SQLite plan the statement again per value); its only parameter is the looked-up value.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) inline_sql: Option<String>,
+    /// The select with `LIMIT 1`; its first parameter is the looked-up value.
+    limited: Statement,
+}
+
+impl PointRead {
+    /// The `LIMIT 1` statement with `value` looked up.
+    pub(crate) fn limited_with(&self, value: Value) -> Statement {
+        let mut statement = self.limited.clone();
+        if let Some(values) = statement.values.as_mut() {
+            values.0[0] = value;
+        }
+        statement
+    }
+}
+
+/// Records that consumer type `C` runs the default `get_queryset`.
+pub(crate) fn saw_default_get_queryset<C: 'static>() {
+    record(&DEFAULT_GET_QUERYSET, TypeId::of::<C>());
+}
+
+/// Records that consumer type `C` runs the default `filter_queryset`.
+pub(crate) fn saw_default_filter_queryset<C: 'static>() {
+    record(&DEFAULT_FILTER_QUERYSET, TypeId::of::<C>());
+}
+
+fn record(set: &'static std::thread::LocalKey<RefCell<Vec<TypeId>>>, id: TypeId) {
+    set.with(|set| {
+        if let Ok(mut set) = set.try_borrow_mut()
+            && !set.contains(&id)
+        {
+            set.push(id);
+        }
+    });
+}
+
+fn seen(set: &'static std::thread::LocalKey<RefCell<Vec<TypeId>>>, id: TypeId) -> bool {
+    set.with(|set| set.try_borrow().is_ok_and(|set| set.contains(&id)))
+}
+
+/// The rendered point read of consumer `C` looking `value` up in `column` (its lookup
+/// `field`), or `None` while `C` is not known to keep both default queryset hooks: the caller
+/// then builds the query itself (which records the defaults it runs).
+pub(crate) fn point_read<C: ModelConsumer>(
+    field: &'static str,
+    column: <C::Entity as EntityTrait>::Column,
+    value: &Value,
+    backend: DbBackend,
+) -> Option<Arc<PointRead>> {
+    let consumer = TypeId::of::<C>();
+    let key = Key {
+        consumer,
+        field,
+        backend,
+    };
+    let cached = POINT_READS.with(|reads| {
+        let reads = reads.borrow();
+        reads
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, r)| r.clone())
+    });
+    if let Some(found) = cached {
+        return Some(found);
+    }
+    if !seen(&DEFAULT_GET_QUERYSET, consumer) || !seen(&DEFAULT_FILTER_QUERYSET, consumer) {
+        return None;
+    }
+    // The defaults are `Entity::find()` and the query unchanged.
+    let query = <C::Entity as EntityTrait>::find().filter(column.eq(value.clone()));
+    let limited = query.clone().limit(1).build(backend);
+    // The rendering must take the value as its first parameter and nothing else but the
+    // limit; anything else (a backend that inlines values) is not reused.
+    let values = limited.values.as_ref().map_or(&[][..], |v| &v.0[..]);
+    if values.len() != 2 || &values[0] != value {
+        return None;
+    }
+    let inline_sql = (backend == DbBackend::Sqlite)
+        .then(|| query.build(backend))
+        .filter(|s| s.values.as_ref().is_some_and(|v| v.0.len() == 1))
+        .map(|s| s.sql);
+    let read = Arc::new(PointRead {
+        inline_sql,
+        limited,
+    });
+    POINT_READS.with(|reads| reads.borrow_mut().push((key, read.clone())));
+    Some(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::entity::prelude::*;
+    use serde::Deserialize;
+
+    use super::*;
+    use crate::model::Db;
+
+    mod item {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(
+            Clone, Debug, PartialEq, DeriveEntityModel, serde::Serialize, serde::Deserialize,
+        )]
+        #[sea_orm(table_name = "item")]
+        pub struct Model {
+            #[sea_orm(primary_key)]
+            pub id: i32,
+            pub name: String,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    #[derive(Deserialize, garde::Validate, DeriveIntoActiveModel)]
+    #[sea_orm(active_model = "item::ActiveModel")]
+    struct ItemInput {
+        #[garde(skip)]
+        name: String,
+    }
+
+    /// Two consumer types of the same entity, so that each test sees only its own records.
+    macro_rules! consumer {
+        ($name:ident) => {
+            struct $name {
+                db: Db,
+            }
+
+            impl crate::model::ModelConsumer for $name {
+                type Entity = item::Entity;
+                type Output = item::Model;
+                type Input = ItemInput;
+
+                fn db(&self) -> &Db {
+                    &self.db
+                }
+            }
+        };
+    }
+    consumer!(Renders);
+    consumer!(Waits);
+
+    async fn db() -> Db {
+        Db::connect("sqlite::memory:").await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn renders_once_both_defaults_were_seen() {
+        let c = Renders { db: db().await };
+        let backend = c.db.backend();
+        let value = Value::Int(Some(7));
+        assert!(point_read::<Renders>("pk", item::Column::Id, &value, backend).is_none());
+        saw_default_get_queryset::<Renders>();
+        saw_default_filter_queryset::<Renders>();
+        let read = point_read::<Renders>("pk", item::Column::Id, &value, backend).unwrap();
+        let query = item::Entity::find().filter(item::Column::Id.eq(7));
+        assert_eq!(
+            read.inline_sql.as_deref(),
+            Some(query.clone().build(backend).sql.as_str())
+        );
+        let limited = read.limited_with(Value::Int(Some(9)));
+        let expected = item::Entity::find()
+            .filter(item::Column::Id.eq(9))
+            .limit(1)
+            .build(backend);
+        assert_eq!(limited, expected);
+        // Once rendered it is reused, and other fields and backends are rendered apart.
+        let again = point_read::<Renders>("pk", item::Column::Id, &value, backend).unwrap();
+        assert!(Arc::ptr_eq(&read, &again));
+        let name = Value::String(Some("x".into()));
+        let by_name = point_read::<Renders>("name", item::Column::Name, &name, backend).unwrap();
+        assert!(by_name.limited.sql.contains(r#""name" = ?"#));
+        let pg = point_read::<Renders>("pk", item::Column::Id, &value, DbBackend::Postgres);
+        let pg = pg.unwrap();
+        assert!(pg.inline_sql.is_none());
+        assert!(
+            pg.limited.sql.contains(r#""id" = $1"#),
+            "{}",
+            pg.limited.sql
+        );
+    }
+
+    #[tokio::test]
+    async fn one_default_is_not_enough() {
+        let c = Waits { db: db().await };
+        let backend = c.db.backend();
+        let value = Value::Int(Some(1));
+        saw_default_get_queryset::<Waits>();
+        assert!(point_read::<Waits>("pk", item::Column::Id, &value, backend).is_none());
+        // Another consumer type's defaults say nothing about this one.
+        saw_default_filter_queryset::<Renders>();
+        assert!(point_read::<Waits>("pk", item::Column::Id, &value, backend).is_none());
+        saw_default_filter_queryset::<Waits>();
+        assert!(point_read::<Waits>("pk", item::Column::Id, &value, backend).is_some());
+    }
+}
