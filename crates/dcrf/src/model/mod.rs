@@ -491,11 +491,12 @@ async fn read_object<C: ModelConsumer>(
 ) -> Result<ModelOf<C>, ApiError> {
     let (field, column, value) = lookup(c, frame)?;
     let db = c.db();
-    let found = match point_read::point_read::<C>(field, column, &value, db.backend()) {
+    let found = match point_read::cached::<C>(field, db.backend()) {
         Some(read) => db.read_point::<C::Entity>(&read, value).await?,
         None => {
-            db.read_one(queryset_lookup(c, ctx, frame, column, value)?)
-                .await?
+            let query = queryset_lookup(c, ctx, frame, column, value.clone())?;
+            point_read::remember::<C>(field, db.backend(), &query, &value);
+            db.read_one(query).await?
         }
     };
     found.ok_or_else(ApiError::not_found)

@@ -17,9 +17,7 @@ use std::any::TypeId;
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use sea_orm::{
-    ColumnTrait, DbBackend, EntityTrait, QueryFilter, QuerySelect, QueryTrait, Statement, Value,
-};
+use sea_orm::{DbBackend, QuerySelect, QueryTrait, Select, Statement, Value};
 
 use super::ModelConsumer;
 
@@ -87,53 +85,65 @@ fn seen(set: &'static std::thread::LocalKey<RefCell<Vec<TypeId>>>, id: TypeId) -
     set.with(|set| set.try_borrow().is_ok_and(|set| set.contains(&id)))
 }
 
-/// The rendered point read of consumer `C` looking `value` up in `column` (its lookup
-/// `field`), or `None` while `C` is not known to keep both default queryset hooks: the caller
-/// then builds the query itself (which records the defaults it runs).
-pub(crate) fn point_read<C: ModelConsumer>(
+/// The rendered point read of consumer `C` by its lookup `field` on `backend`, if there is
+/// one. Without it the caller builds the query and offers it to [`remember`].
+pub(crate) fn cached<C: ModelConsumer>(
     field: &'static str,
-    column: <C::Entity as EntityTrait>::Column,
-    value: &Value,
     backend: DbBackend,
 ) -> Option<Arc<PointRead>> {
-    let consumer = TypeId::of::<C>();
     let key = Key {
-        consumer,
+        consumer: TypeId::of::<C>(),
         field,
         backend,
     };
-    let cached = POINT_READS.with(|reads| {
+    POINT_READS.with(|reads| {
         let reads = reads.borrow();
         reads
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, r)| r.clone())
-    });
-    if let Some(found) = cached {
-        return Some(found);
-    }
+    })
+}
+
+/// Renders `query`, the point read of consumer `C` that looks `value` up by `field`, just
+/// built through its queryset hooks, for [`cached`] to give out from now on; but only when
+/// both hooks `C` ran were the defaults, so that every later request would build the same
+/// SQL. A rendering that does not take `value` as its first parameter, with only the limit
+/// after it, is not kept.
+pub(crate) fn remember<C: ModelConsumer>(
+    field: &'static str,
+    backend: DbBackend,
+    query: &Select<C::Entity>,
+    value: &Value,
+) {
+    let consumer = TypeId::of::<C>();
     if !seen(&DEFAULT_GET_QUERYSET, consumer) || !seen(&DEFAULT_FILTER_QUERYSET, consumer) {
-        return None;
+        return;
     }
-    // The defaults are `Entity::find()` and the query unchanged.
-    let query = <C::Entity as EntityTrait>::find().filter(column.eq(value.clone()));
     let limited = query.clone().limit(1).build(backend);
-    // The rendering must take the value as its first parameter and nothing else but the
-    // limit; anything else (a backend that inlines values) is not reused.
     let values = limited.values.as_ref().map_or(&[][..], |v| &v.0[..]);
     if values.len() != 2 || &values[0] != value {
-        return None;
+        return;
     }
     let inline_sql = (backend == DbBackend::Sqlite)
         .then(|| query.build(backend))
         .filter(|s| s.values.as_ref().is_some_and(|v| v.0.len() == 1))
         .map(|s| s.sql);
+    let key = Key {
+        consumer,
+        field,
+        backend,
+    };
     let read = Arc::new(PointRead {
         inline_sql,
         limited,
     });
-    POINT_READS.with(|reads| reads.borrow_mut().push((key, read.clone())));
-    Some(read)
+    POINT_READS.with(|reads| {
+        let mut reads = reads.borrow_mut();
+        if !reads.iter().any(|(k, _)| *k == key) {
+            reads.push((key, read));
+        }
+    });
 }
 
 #[cfg(test)]
@@ -195,15 +205,28 @@ mod tests {
         Db::connect("sqlite::memory:").await.unwrap()
     }
 
+    /// What `read_object` does on a miss: the query the default hooks build is offered to
+    /// `remember`, then the cache is asked again.
+    fn offer<C: crate::model::ModelConsumer<Entity = item::Entity>>(
+        field: &'static str,
+        column: item::Column,
+        value: &Value,
+        backend: DbBackend,
+    ) -> Option<Arc<PointRead>> {
+        let query = item::Entity::find().filter(column.eq(value.clone()));
+        remember::<C>(field, backend, &query, value);
+        cached::<C>(field, backend)
+    }
+
     #[tokio::test]
     async fn renders_once_both_defaults_were_seen() {
         let c = Renders { db: db().await };
         let backend = c.db.backend();
         let value = Value::Int(Some(7));
-        assert!(point_read::<Renders>("pk", item::Column::Id, &value, backend).is_none());
+        assert!(offer::<Renders>("pk", item::Column::Id, &value, backend).is_none());
         saw_default_get_queryset::<Renders>();
         saw_default_filter_queryset::<Renders>();
-        let read = point_read::<Renders>("pk", item::Column::Id, &value, backend).unwrap();
+        let read = offer::<Renders>("pk", item::Column::Id, &value, backend).unwrap();
         let query = item::Entity::find().filter(item::Column::Id.eq(7));
         assert_eq!(
             read.inline_sql.as_deref(),
@@ -216,12 +239,12 @@ mod tests {
             .build(backend);
         assert_eq!(limited, expected);
         // Once rendered it is reused, and other fields and backends are rendered apart.
-        let again = point_read::<Renders>("pk", item::Column::Id, &value, backend).unwrap();
+        let again = cached::<Renders>("pk", backend).unwrap();
         assert!(Arc::ptr_eq(&read, &again));
         let name = Value::String(Some("x".into()));
-        let by_name = point_read::<Renders>("name", item::Column::Name, &name, backend).unwrap();
+        let by_name = offer::<Renders>("name", item::Column::Name, &name, backend).unwrap();
         assert!(by_name.limited.sql.contains(r#""name" = ?"#));
-        let pg = point_read::<Renders>("pk", item::Column::Id, &value, DbBackend::Postgres);
+        let pg = offer::<Renders>("pk", item::Column::Id, &value, DbBackend::Postgres);
         let pg = pg.unwrap();
         assert!(pg.inline_sql.is_none());
         assert!(
@@ -237,11 +260,11 @@ mod tests {
         let backend = c.db.backend();
         let value = Value::Int(Some(1));
         saw_default_get_queryset::<Waits>();
-        assert!(point_read::<Waits>("pk", item::Column::Id, &value, backend).is_none());
+        assert!(offer::<Waits>("pk", item::Column::Id, &value, backend).is_none());
         // Another consumer type's defaults say nothing about this one.
         saw_default_filter_queryset::<Renders>();
-        assert!(point_read::<Waits>("pk", item::Column::Id, &value, backend).is_none());
+        assert!(offer::<Waits>("pk", item::Column::Id, &value, backend).is_none());
         saw_default_filter_queryset::<Waits>();
-        assert!(point_read::<Waits>("pk", item::Column::Id, &value, backend).is_some());
+        assert!(offer::<Waits>("pk", item::Column::Id, &value, backend).is_some());
     }
 }
