@@ -92,8 +92,28 @@ pub trait ChangeSink: Send + Sync + 'static {
 #[derive(Debug, Default)]
 #[cfg_attr(not(feature = "model"), allow(dead_code))]
 pub(crate) struct ChangeSet {
-    changes: Vec<Option<Change>>,
+    changes: Vec<Option<RowChange>>,
     index: HashMap<(&'static str, String), usize>,
+}
+
+/// A change and a hash of its row's primary key: the write path keeps the publish order of
+/// the changes of each row (of each table), and tells rows apart by this hash.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "model"), allow(dead_code))]
+pub(crate) struct RowChange {
+    /// A hash of the primary key (as JSON text); the same for the same row in this process.
+    pub(crate) row: u64,
+    /// The change.
+    pub(crate) change: Change,
+}
+
+/// The hash of [`RowChange::row`].
+#[cfg_attr(not(feature = "model"), allow(dead_code))]
+fn row_hash(pk: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    pk.hash(&mut hasher);
+    hasher.finish()
 }
 
 #[cfg_attr(not(feature = "model"), allow(dead_code))]
@@ -108,7 +128,8 @@ impl ChangeSet {
     ) {
         let table = key.0;
         if let Some(&i) = self.index.get(&key) {
-            let merged = match self.changes[i].take() {
+            let row = row_hash(&key.1);
+            let merged = match self.changes[i].take().map(|c| c.change) {
                 None => Some((kind, old, new)),
                 Some(prev) => match (prev.kind, kind) {
                     (ChangeKind::Create, ChangeKind::Update) => {
@@ -127,25 +148,32 @@ impl ChangeSet {
                     (_, kind) => Some((kind, old, new)),
                 },
             };
-            self.changes[i] = merged.map(|(kind, old, new)| Change {
+            self.changes[i] = merged.map(|(kind, old, new)| RowChange {
+                row,
+                change: Change {
+                    table,
+                    kind,
+                    old,
+                    new,
+                },
+            });
+            return;
+        }
+        let row = row_hash(&key.1);
+        self.index.insert(key, self.changes.len());
+        self.changes.push(Some(RowChange {
+            row,
+            change: Change {
                 table,
                 kind,
                 old,
                 new,
-            });
-            return;
-        }
-        self.index.insert(key, self.changes.len());
-        self.changes.push(Some(Change {
-            table,
-            kind,
-            old,
-            new,
+            },
         }));
     }
 
     /// The merged changes, in the order their objects were first changed.
-    pub(crate) fn into_changes(self) -> impl Iterator<Item = Change> {
+    pub(crate) fn into_changes(self) -> impl Iterator<Item = RowChange> {
         self.changes.into_iter().flatten()
     }
 }
@@ -175,7 +203,7 @@ mod tests {
             set.record(key("1"), *kind, old.and_then(obj), new.and_then(obj));
         }
         set.into_changes()
-            .map(|c| (c.kind, val(&c.old), val(&c.new)))
+            .map(|c| (c.change.kind, val(&c.change.old), val(&c.change.new)))
             .collect()
     }
 
@@ -243,7 +271,7 @@ mod tests {
         set.record(key("2"), Update, obj(20), obj(21));
         let out: Vec<_> = set
             .into_changes()
-            .map(|c| (c.table, c.kind, val(&c.new)))
+            .map(|c| (c.change.table, c.change.kind, val(&c.change.new)))
             .collect();
         assert_eq!(
             out,

@@ -119,6 +119,41 @@ impl ModelConsumer for ThingInstances {
 impl ThingInstances {}
 impl Consumer for ThingInstances {}
 
+/// Users served with every default hook but `validate`, which changes the row being updated
+/// when the update's email asks for it, as another writer could between the update's read of
+/// the row and its write: `rename@…` renames the user to `y`, `remove@…` deletes it.
+#[derive(Clone)]
+struct Meddled {
+    db: Db,
+}
+
+impl ModelConsumer for Meddled {
+    type Entity = user::Entity;
+    type Output = user::Model;
+    type Input = UserInput;
+    fn db(&self) -> &Db {
+        &self.db
+    }
+    async fn validate(
+        &self,
+        _: &Ctx,
+        input: &UserInput,
+        instance: Option<&user::Model>,
+    ) -> Result<(), ApiError> {
+        match (instance, input.email.split('@').next()) {
+            (Some(user), Some("rename")) => {
+                rename_user(&self.db, user, "y").await;
+            }
+            (Some(user), Some("remove")) => delete_user(&self.db, user).await,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[dcrf::consumer(model)]
+impl Consumer for Meddled {}
+
 /// Observers declared once per database, as DCRF declares them once per class.
 #[derive(Clone)]
 struct Observers {
@@ -309,6 +344,8 @@ async fn serve(db: &Db) -> (TestServer, Observers) {
     }
     let things = ThingInstances { db: db.clone() };
     router = router.route("/things/", app.consumer(move || things.clone()));
+    let meddled = Meddled { db: db.clone() };
+    router = router.route("/meddled/", app.consumer(move || meddled.clone()));
     for at_connect in ["none", "wrapper", "class_serializer", "logged_in"] {
         let w = Watcher {
             obs: obs.clone(),
@@ -363,6 +400,7 @@ dcrf::backend_tests!(
     subscribe_instance_errors,
     instance_observer_has_a_stable_name,
     instance_push_without_its_object_is_not_sent,
+    update_of_a_row_changed_meanwhile,
 );
 
 async fn observer_model_instance_mixin(db: Db) {
@@ -1094,4 +1132,79 @@ async fn two_consumers_of_one_table_cannot_share_the_instance_observer() {
     let _ = axum::Router::<()>::new()
         .route("/a/", app.consumer(move || first.clone()))
         .route("/b/", app.consumer(move || second.clone()));
+}
+
+/// `patch` and `update` read their object before their transaction; with the default hooks
+/// they then write in one statement that holds only while the row is as read. A row changed in
+/// between is read again, so the push leaves and enters groups from the row as it was; a row
+/// gone in between answers 404. Several rounds: the first update of a consumer type goes the
+/// long way.
+async fn update_of_a_row_changed_meanwhile(db: Db) {
+    let (s, _) = serve(&db).await;
+    let mut x = connect(&s, "/watch/none/").await;
+    let mut y = connect(&s, "/watch/none/").await;
+    for (client, name) in [(&mut x, "x"), (&mut y, "y")] {
+        client
+            .send_json(json!({"action": "subscribe", "username": name, "request_id": name}))
+            .await;
+        client.receive_json().await;
+    }
+    let group_frame = |action: &str, pk: i32, group: &str| json!({"action": action, "body": {"pk": pk}, "type": "user.change.custom.groups", "subscribing_request_ids": [group]});
+    let mut c = connect(&s, "/meddled/").await;
+    for round in 0..3 {
+        let u = create_user(&db, "x").await;
+        assert_eq!(x.receive_json().await, group_frame("create", u.id, "x"));
+        for (action, data) in [
+            ("patch", json!({"email": format!("p{round}@example.com")})),
+            (
+                "update",
+                json!({"username": "x", "email": format!("u{round}@example.com")}),
+            ),
+        ] {
+            let email = data["email"].clone();
+            assert_eq!(
+                c.request(json!({"action": action, "pk": u.id, "data": data, "request_id": round}))
+                    .await,
+                frame(
+                    action,
+                    json!(round),
+                    200,
+                    json!({"id": u.id, "username": "x", "email": email})
+                ),
+                "{action}, round {round}"
+            );
+            assert_eq!(x.receive_json().await, group_frame("update", u.id, "x"));
+        }
+        // Renamed to `y` between the read and the write: the rename moves it from `x` to `y`,
+        // and the patch is an update within `y`.
+        assert_eq!(
+            c.request(json!({"action": "patch", "pk": u.id, "data": {"email": "rename@example.com"}, "request_id": round}))
+                .await,
+            frame(
+                "patch",
+                json!(round),
+                200,
+                json!({"id": u.id, "username": "y", "email": "rename@example.com"})
+            ),
+            "round {round}"
+        );
+        assert_eq!(x.receive_json().await, group_frame("delete", u.id, "x"));
+        assert_eq!(y.receive_json().await, group_frame("create", u.id, "y"));
+        assert_eq!(y.receive_json().await, group_frame("update", u.id, "y"));
+        // Gone between the read and the write.
+        assert_eq!(
+            c.request(json!({"action": "update", "pk": u.id, "data": {"username": "z", "email": "remove@example.com"}, "request_id": round}))
+                .await,
+            json!({"errors": ["Not found"], "data": null, "action": "update", "response_status": 404, "request_id": round}),
+            "round {round}"
+        );
+        assert_eq!(y.receive_json().await, group_frame("delete", u.id, "y"));
+        x.receive_nothing().await;
+        y.receive_nothing().await;
+    }
+    assert_eq!(
+        user::Entity::find().count(db.conn()).await.unwrap(),
+        0,
+        "every round's user was removed"
+    );
 }

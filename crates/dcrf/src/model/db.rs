@@ -9,8 +9,8 @@ use sea_orm::sea_query::value::sea_value_to_json_value;
 use sea_orm::{
     ActiveModelBehavior, ActiveModelTrait, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
     Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityName, EntityTrait,
-    IntoActiveModel, ModelTrait, QueryFilter, QuerySelect, Schema, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait, UpdateMany,
+    IntoActiveModel, Iterable, ModelTrait, PrimaryKeyToColumn, QueryFilter, QuerySelect, Schema,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait, UpdateMany,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use super::group_commit::GroupCommit;
 use super::lookup::primary_key_column;
 use super::txn_conn::{Scope, TxnConn};
-use crate::change::{Change, ChangeKind, ChangeSet, ChangeSink, Object};
+use crate::change::{ChangeKind, ChangeSet, ChangeSink, Object, RowChange};
 use crate::channel::ChannelLayer;
 use crate::error::Error;
 use crate::observer::{ModelObserver, Observers};
@@ -55,18 +55,44 @@ pub struct Db {
     sqlite_reads: Option<Arc<super::sqlite_reads::SqliteReads>>,
 }
 
-/// Publishes each table's changes in commit order: a transaction with observed changes holds
-/// its tables' locks from just before `COMMIT` until its changes are published, so two
+/// Publishes each row's changes in commit order: a transaction with observed changes holds
+/// the locks of its rows from just before `COMMIT` until its changes are published, so two
 /// transactions that change the same row publish in the order they committed (their pushes
-/// never overtake each other). On PostgreSQL with a remote channel layer the lock is also a
-/// session advisory lock (`pg_advisory_lock(hashtext('dcrf.publish:<table>'))`) held on one
-/// dedicated connection per table, so the order holds across nodes.
+/// never overtake each other), while transactions of other rows commit and publish side by
+/// side. A row's lock is one of [`ROW_STRIPES`] per table, chosen by a hash of its primary key.
+///
+/// On PostgreSQL with a remote channel layer the order must hold across nodes: there the lock
+/// is the table's, and also a session advisory lock
+/// (`pg_advisory_lock(hashtext('dcrf.publish:<table>'))`) held on one dedicated connection per
+/// table.
 #[derive(Default)]
 struct CommitOrder {
-    tables: std::sync::Mutex<HashMap<&'static str, Arc<tokio::sync::Mutex<TableLock>>>>,
+    tables: std::sync::Mutex<HashMap<&'static str, Arc<TableOrder>>>,
 }
 
-/// The lock of one table: its dedicated PostgreSQL connection, once opened.
+/// How many row locks each table has. Two rows of one table share a lock with a chance of
+/// 1 in this many; a transaction that shares one waits for the other's publish.
+const ROW_STRIPES: usize = 256;
+
+/// The publish-order locks of one table.
+struct TableOrder {
+    /// The table's lock across nodes, with its dedicated PostgreSQL connection once opened.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    cluster: Arc<tokio::sync::Mutex<TableLock>>,
+    /// The row locks on this node.
+    rows: Vec<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl Default for TableOrder {
+    fn default() -> Self {
+        TableOrder {
+            cluster: Arc::default(),
+            rows: (0..ROW_STRIPES).map(|_| Arc::default()).collect(),
+        }
+    }
+}
+
+/// The dedicated PostgreSQL connection of a table's lock across nodes, once opened.
 #[derive(Default)]
 struct TableLock {
     #[cfg(feature = "postgres")]
@@ -74,7 +100,7 @@ struct TableLock {
 }
 
 impl CommitOrder {
-    fn table(&self, table: &'static str) -> Arc<tokio::sync::Mutex<TableLock>> {
+    fn table(&self, table: &'static str) -> Arc<TableOrder> {
         crate::sync::lock(&self.tables)
             .entry(table)
             .or_default()
@@ -455,6 +481,40 @@ impl Db {
     }
 }
 
+/// Does a column's type compare exactly (`=`, on every backend), so that a row read and then
+/// compared with its own values matches? JSON (no `=` on PostgreSQL's `json`, and text that
+/// need not come back the same), arrays, enums and custom types do not qualify.
+fn compares_exactly<C: ColumnTrait>(column: C) -> bool {
+    use sea_orm::sea_query::ColumnType as T;
+    matches!(
+        column.def().get_column_type(),
+        T::Char(_)
+            | T::String(_)
+            | T::Text
+            | T::Blob
+            | T::Binary(_)
+            | T::VarBinary(_)
+            | T::TinyInteger
+            | T::SmallInteger
+            | T::Integer
+            | T::BigInteger
+            | T::TinyUnsigned
+            | T::SmallUnsigned
+            | T::Unsigned
+            | T::BigUnsigned
+            | T::Float
+            | T::Double
+            | T::Decimal(_)
+            | T::DateTime
+            | T::Timestamp
+            | T::TimestampWithTimeZone
+            | T::Time
+            | T::Date
+            | T::Boolean
+            | T::Uuid
+    )
+}
+
 /// The primary key of a model as JSON (DCRF's `{"pk": ...}`).
 pub(crate) fn pk_json<E: EntityTrait>(model: &E::Model) -> serde_json::Value {
     sea_value_to_json_value(&model.get(primary_key_column::<E>()))
@@ -539,6 +599,74 @@ impl Txn {
         let new: Object = Arc::new(model.clone());
         self.record(ChangeKind::Update, old, Some(new), key);
         Ok(model)
+    }
+
+    /// Updates the `Set` columns of `am`, whose row was read as `presumed` before this
+    /// transaction, in one statement while the row still holds exactly `presumed`: the
+    /// `UPDATE` is conditional on every column's value, so a hit proves `presumed` is the
+    /// change's previous state. When the row changed meanwhile, it is read again (locked on
+    /// PostgreSQL) and updated with that as its previous state. `None`, with nothing written,
+    /// when the row is gone, when a column has a type without an exact comparison (JSON, say),
+    /// or when nothing but the key is set: the caller then goes the long way.
+    ///
+    /// Like [`update`](Self::update), it runs the active model's `before_save` (once) and
+    /// `after_save`.
+    pub(super) async fn update_unchanged<A>(
+        &mut self,
+        presumed: &<A::Entity as EntityTrait>::Model,
+        am: A,
+    ) -> Result<Option<<A::Entity as EntityTrait>::Model>, Error>
+    where
+        A: ActiveModelTrait + ActiveModelBehavior + Send,
+        <A::Entity as EntityTrait>::Model: IntoActiveModel<A> + Send + Sync + 'static,
+    {
+        type ColumnOf<A> = <<A as ActiveModelTrait>::Entity as EntityTrait>::Column;
+        type KeyOf<A> = <<A as ActiveModelTrait>::Entity as EntityTrait>::PrimaryKey;
+        if !ColumnOf::<A>::iter().all(compares_exactly) {
+            return Ok(None);
+        }
+        let sets_a_value = ColumnOf::<A>::iter()
+            .any(|c| KeyOf::<A>::from_column(c).is_none() && am.get(c).is_set());
+        if !sets_a_value {
+            return Ok(None);
+        }
+        let am = A::before_save(am, &self.txn, false).await?;
+        let mut unchanged = Condition::all();
+        for column in ColumnOf::<A>::iter() {
+            let value = presumed.get(column);
+            unchanged = unchanged.add(if value == value.as_null() {
+                column.is_null()
+            } else {
+                column.eq(value)
+            });
+        }
+        let key = Self::key::<A::Entity>(presumed);
+        let conditional = A::Entity::update(am.clone())
+            .validate()?
+            .filter(unchanged)
+            .exec(&self.txn)
+            .await;
+        let (old, model) = match conditional {
+            Ok(model) => (Arc::new(presumed.clone()) as Object, model),
+            Err(DbErr::RecordNotUpdated) => {
+                let column = primary_key_column::<A::Entity>();
+                let mut query = A::Entity::find().filter(column.eq(presumed.get(column)));
+                if self.db.backend() == DbBackend::Postgres {
+                    query = query.lock_exclusive();
+                }
+                let Some(now) = query.one(&self.txn).await? else {
+                    return Ok(None);
+                };
+                let model = A::Entity::update(am).exec(&self.txn).await?;
+                (Arc::new(now) as Object, model)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let model = A::after_save(model, &self.txn, false).await?;
+        let new: Object = Arc::new(model.clone());
+        let old = self.db.observed(key.0).then_some(old);
+        self.record(ChangeKind::Update, old, Some(new), key);
+        Ok(Some(model))
     }
 
     /// The row an active model is about to overwrite, as it is now.
@@ -680,7 +808,7 @@ impl Txn {
     }
 
     /// Commits, then publishes each changed object once to the observers of its table, in
-    /// commit order per table (see the type's docs).
+    /// commit order per row (see `CommitOrder`).
     pub async fn commit(self) -> Result<(), Error> {
         let Txn {
             txn, db, changes, ..
@@ -689,52 +817,162 @@ impl Txn {
         match txn.into_scope() {
             Scope::Batch(slot) => Ok(slot.join(changes, &db).await?),
             Scope::Own(txn) => {
-                let changes: Vec<&Change> = changes.iter().collect();
+                let changes: Vec<&RowChange> = changes.iter().collect();
                 Ok(publish_in_order(&db, &changes, txn.commit()).await?)
             }
         }
     }
 }
 
-/// Runs `commit` and, when it succeeds, publishes `changes` in order, holding their tables'
-/// publish-order locks from before the commit until they are published (see [`CommitOrder`]).
+/// Runs `commit` and, when it succeeds, publishes `changes` in order, holding the
+/// publish-order locks of their rows from before the commit until they are published (see
+/// [`CommitOrder`]).
 pub(super) async fn publish_in_order(
     db: &Db,
-    changes: &[&Change],
+    changes: &[&RowChange],
     commit: impl std::future::Future<Output = Result<(), DbErr>>,
 ) -> Result<(), DbErr> {
     if changes.is_empty() {
         return commit.await;
     }
-    let mut tables: Vec<&'static str> = changes.iter().map(|c| c.table).collect();
-    tables.sort_unstable();
-    tables.dedup();
-    // Always in the same (sorted) order: no two commits wait for each other's tables.
-    let mut guards = Vec::with_capacity(tables.len());
-    for table in &tables {
-        guards.push(db.order.table(table).lock_owned().await);
+    #[cfg(feature = "postgres")]
+    if db.backend() == DbBackend::Postgres && db.layer().is_remote() {
+        return publish_in_cluster_order(db, changes, commit).await;
     }
-    #[cfg(feature = "postgres")]
-    let cluster = db.backend() == DbBackend::Postgres && db.layer().is_remote();
-    #[cfg(feature = "postgres")]
-    if cluster {
-        for (table, guard) in tables.iter().zip(guards.iter_mut()) {
-            guard.lock_cluster(db, table).await;
-        }
+    // Always in the same (sorted) order: no two commits wait for each other's rows.
+    let mut rows: Vec<(&'static str, usize)> = changes
+        .iter()
+        .map(|c| (c.change.table, (c.row % ROW_STRIPES as u64) as usize))
+        .collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let mut guards = Vec::with_capacity(rows.len());
+    let mut table: Option<(&'static str, Arc<TableOrder>)> = None;
+    for (name, stripe) in rows {
+        let order = match &table {
+            Some((t, order)) if *t == name => order.clone(),
+            _ => {
+                let order = db.order.table(name);
+                table = Some((name, order.clone()));
+                order
+            }
+        };
+        guards.push(order.rows[stripe].clone().lock_owned().await);
     }
     let committed = commit.await;
     if committed.is_ok() {
-        let sink: &dyn ChangeSink = &db.observers;
-        for change in changes {
-            sink.publish(change).await;
-        }
-    }
-    #[cfg(feature = "postgres")]
-    if cluster {
-        for (table, guard) in tables.iter().zip(guards.iter_mut()).rev() {
-            guard.unlock_cluster(table).await;
-        }
+        publish(db, changes).await;
     }
     drop(guards);
     committed
+}
+
+/// [`publish_in_order`] across the nodes of a cluster: the tables' locks, each with its
+/// advisory lock.
+#[cfg(feature = "postgres")]
+async fn publish_in_cluster_order(
+    db: &Db,
+    changes: &[&RowChange],
+    commit: impl std::future::Future<Output = Result<(), DbErr>>,
+) -> Result<(), DbErr> {
+    let mut tables: Vec<&'static str> = changes.iter().map(|c| c.change.table).collect();
+    tables.sort_unstable();
+    tables.dedup();
+    let mut guards = Vec::with_capacity(tables.len());
+    for table in &tables {
+        let mut guard = db.order.table(table).cluster.clone().lock_owned().await;
+        guard.lock_cluster(db, table).await;
+        guards.push(guard);
+    }
+    let committed = commit.await;
+    if committed.is_ok() {
+        publish(db, changes).await;
+    }
+    for (table, guard) in tables.iter().zip(guards.iter_mut()).rev() {
+        guard.unlock_cluster(table).await;
+    }
+    committed
+}
+
+/// Hands committed changes to the observers, in order.
+async fn publish(db: &Db, changes: &[&RowChange]) {
+    let sink: &dyn ChangeSink = &db.observers;
+    for change in changes {
+        sink.publish(&change.change).await;
+    }
+}
+
+#[cfg(all(test, feature = "sqlite"))]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::change::Change;
+
+    fn change_of_row(row: u64) -> RowChange {
+        RowChange {
+            row,
+            change: Change {
+                table: "t",
+                kind: ChangeKind::Update,
+                old: None,
+                new: None,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_of_other_rows_do_not_wait_for_each_other() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        let (a, b) = (change_of_row(1), change_of_row(2));
+        let (a, b) = ([&a], [&b]);
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        // The first commit finishes only after the second: one lock per table would deadlock.
+        let first = publish_in_order(&db, &a, async {
+            finished.await.unwrap();
+            Ok(())
+        });
+        let second = async {
+            publish_in_order(&db, &b, async { Ok(()) }).await.unwrap();
+            done.send(()).unwrap();
+        };
+        let both = async { tokio::join!(first, second) };
+        let (first, ()) = tokio::time::timeout(Duration::from_secs(5), both)
+            .await
+            .expect("the second row's commit waited for the first's");
+        first.unwrap();
+    }
+
+    #[tokio::test]
+    async fn commits_of_one_row_publish_in_commit_order() {
+        let db = Db::connect("sqlite::memory:").await.unwrap();
+        let (a, again) = (change_of_row(7), change_of_row(7));
+        let (a, again) = ([&a], [&again]);
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let second_committed = AtomicBool::new(false);
+        let first = publish_in_order(&db, &a, async {
+            released.await.unwrap();
+            Ok(())
+        });
+        let second = publish_in_order(&db, &again, async {
+            second_committed.store(true, Ordering::SeqCst);
+            Ok(())
+        });
+        let watch = async {
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+            let early = second_committed.load(Ordering::SeqCst);
+            release.send(()).unwrap();
+            early
+        };
+        let (first, second, early) = tokio::join!(first, second, watch);
+        first.unwrap();
+        second.unwrap();
+        assert!(
+            !early,
+            "the second commit of the row ran before the first was published"
+        );
+        assert!(second_committed.load(Ordering::SeqCst));
+    }
 }

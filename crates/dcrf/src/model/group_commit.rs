@@ -28,7 +28,9 @@
 //!
 //! Each statement costs a round trip to sqlx's connection thread (two thread switches), so
 //! the round trips are what a write costs: a `create` is one (savepoint and `INSERT ...
-//! RETURNING` together), a `patch` two (savepoint and re-read, then `UPDATE ... RETURNING`).
+//! RETURNING` together), and so is a `patch` of a consumer with the default hooks (savepoint
+//! and the conditional `UPDATE ... RETURNING` of `Txn::update_unchanged`); the long way, a
+//! re-read and then the `UPDATE`, is two.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +39,7 @@ use sea_orm::{ConnAcquireErr, ConnectionTrait, DatabaseTransaction, DbErr};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot};
 
 use super::db::{Db, publish_in_order};
-use crate::change::Change;
+use crate::change::RowChange;
 
 /// How long a writer waits for the write slot before it fails, as SQLite's busy timeout would
 /// have: a transaction that waits for another one it holds itself fails instead of hanging.
@@ -75,7 +77,7 @@ struct Batch {
 /// A writer whose work joined the batch.
 #[derive(Debug)]
 struct Member {
-    changes: Vec<Change>,
+    changes: Vec<RowChange>,
     done: oneshot::Sender<Result<(), DbErr>>,
 }
 
@@ -185,7 +187,7 @@ impl GroupCommit {
         let Some(outer) = batch.outer.take() else {
             return batch;
         };
-        let changes: Vec<&Change> = members.iter().flat_map(|m| &m.changes).collect();
+        let changes: Vec<&RowChange> = members.iter().flat_map(|m| &m.changes).collect();
         let outcome = publish_in_order(db, &changes, outer.commit()).await;
         #[cfg(test)]
         self.commits
@@ -326,7 +328,7 @@ impl Slot {
     /// Adds a writer's work (its `changes`) to the batch and waits until the batch is
     /// committed and published: by this writer, when it gets the slot back with the batch
     /// still pending, or by another member.
-    pub(crate) async fn join(mut self, changes: Vec<Change>, db: &Db) -> Result<(), DbErr> {
+    pub(crate) async fn join(mut self, changes: Vec<RowChange>, db: &Db) -> Result<(), DbErr> {
         if self.progress().first == First::Unsure
             && let Err(e) = self.resolve().await
         {

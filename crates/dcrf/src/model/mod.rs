@@ -65,6 +65,7 @@
 //! ```
 
 mod db;
+mod default_hooks;
 mod group_commit;
 mod live;
 mod lookup;
@@ -107,6 +108,7 @@ use crate::consumer::{Ctx, Dispatched, Reply};
 use crate::error::ApiError;
 use crate::observer::ModelObserver;
 use crate::protocol::Frame;
+use default_hooks::Hook;
 
 /// The model of a consumer's entity.
 pub type ModelOf<C> = <<C as ModelConsumer>::Entity as EntityTrait>::Model;
@@ -254,7 +256,7 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
     /// rendered once and only the looked-up value changes.
     fn get_queryset(&self, ctx: &Ctx, frame: &Frame<'_>) -> Select<Self::Entity> {
         let _ = (ctx, frame);
-        point_read::saw_default_get_queryset::<Self>();
+        default_hooks::saw::<Self>(Hook::GetQueryset);
         Self::Entity::find()
     }
 
@@ -267,7 +269,7 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
         frame: &Frame<'_>,
     ) -> Result<Select<Self::Entity>, ApiError> {
         let _ = (ctx, frame);
-        point_read::saw_default_filter_queryset::<Self>();
+        default_hooks::saw::<Self>(Hook::FilterQueryset);
         Ok(query)
     }
 
@@ -317,6 +319,11 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
     }
 
     /// Saves a full update (DCRF's `perform_update`).
+    ///
+    /// While a consumer keeps this default and the default queryset hooks, an update is one
+    /// statement: `UPDATE … WHERE` the row still holds every value `update` read before its
+    /// transaction. When the row changed or went meanwhile, it is read again in the
+    /// transaction and updated the long way, as it would be after an override.
     fn perform_update(
         &self,
         ctx: &Ctx,
@@ -324,10 +331,14 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
         object: ActiveModelOf<Self>,
     ) -> impl Future<Output = Result<ModelOf<Self>, ApiError>> + Send {
         let _ = ctx;
-        async move { Ok(txn.update(object).await?) }
+        async move {
+            default_hooks::saw::<Self>(Hook::PerformUpdate);
+            Ok(txn.update(object).await?)
+        }
     }
 
-    /// Saves a partial update (DCRF's `perform_patch`).
+    /// Saves a partial update (DCRF's `perform_patch`). Keeping this default makes a patch one
+    /// statement, as [`perform_update`](Self::perform_update) says.
     fn perform_patch(
         &self,
         ctx: &Ctx,
@@ -335,7 +346,10 @@ pub trait ModelConsumer: Send + Sync + Sized + 'static {
         object: ActiveModelOf<Self>,
     ) -> impl Future<Output = Result<ModelOf<Self>, ApiError>> + Send {
         let _ = ctx;
-        async move { Ok(txn.update(object).await?) }
+        async move {
+            default_hooks::saw::<Self>(Hook::PerformPatch);
+            Ok(txn.update(object).await?)
+        }
     }
 
     /// The id of this consumer's instance observer (`subscribe_instance` pushes): its groups
@@ -735,26 +749,34 @@ async fn update<C: ModelConsumer>(
     };
     let input: C::Input = parse_input(data.get(), base)?;
     c.validate(ctx, &input, Some(&current)).await?;
-    let mut txn = c.db().begin().await?;
-    // Re-read inside the transaction (locked on PostgreSQL): the row may have changed or gone.
-    // It is the update's previous state too: remembered, the update need not read it again.
-    let object = get_object(c, ctx, frame, txn.conn(), true).await?;
-    txn.remember(&object);
     let present: Vec<String> =
         match serde_json::from_str::<serde_json::Map<String, Value>>(data.get()) {
             Ok(map) => map.into_iter().map(|(k, _)| k).collect(),
             Err(_) => Vec::new(),
         };
     let changes: ActiveModelOf<C> = input.into_active_model();
-    let mut target: ActiveModelOf<C> = object.clone().into_active_model();
-    for column in <C::Entity as EntityTrait>::Column::iter() {
-        if !present.iter().any(|k| k == column.json_key()) {
-            continue;
-        }
-        if let sea_orm::ActiveValue::Set(v) = changes.get(column) {
-            target.set(column, v);
+    let mut txn = c.db().begin().await?;
+    // The default hooks would re-read the row, then update it: when the row still holds what
+    // was just read, one conditional statement does both (see `perform_update`).
+    let hooks = if partial {
+        [Hook::GetQueryset, Hook::FilterQueryset, Hook::PerformPatch]
+    } else {
+        [Hook::GetQueryset, Hook::FilterQueryset, Hook::PerformUpdate]
+    };
+    if c.lookup_field() == "pk" && default_hooks::kept::<C>(&hooks) {
+        let target = apply_changes::<C>(&current, &changes, &present);
+        if target.is_changed()
+            && let Some(saved) = txn.update_unchanged(&current, target).await?
+        {
+            txn.commit().await?;
+            return Ok(Reply::ok(C::Output::from(saved)));
         }
     }
+    // Re-read inside the transaction (locked on PostgreSQL): the row may have changed or gone.
+    // It is the update's previous state too: remembered, the update need not read it again.
+    let object = get_object(c, ctx, frame, txn.conn(), true).await?;
+    txn.remember(&object);
+    let target = apply_changes::<C>(&object, &changes, &present);
     let saved = if !target.is_changed() {
         object
     } else if partial {
@@ -764,6 +786,24 @@ async fn update<C: ModelConsumer>(
     };
     txn.commit().await?;
     Ok(Reply::ok(C::Output::from(saved)))
+}
+
+/// `object` with the columns named in the frame's `data` (`present`) set from `changes`.
+fn apply_changes<C: ModelConsumer>(
+    object: &ModelOf<C>,
+    changes: &ActiveModelOf<C>,
+    present: &[String],
+) -> ActiveModelOf<C> {
+    let mut target: ActiveModelOf<C> = object.clone().into_active_model();
+    for column in <C::Entity as EntityTrait>::Column::iter() {
+        if !present.iter().any(|k| k == column.json_key()) {
+            continue;
+        }
+        if let sea_orm::ActiveValue::Set(v) = changes.get(column) {
+            target.set(column, v);
+        }
+    }
+    target
 }
 
 async fn delete<C: ModelConsumer>(

@@ -9,9 +9,9 @@
 //!
 //! Whether a consumer overrides a hook is known without asking anyone: the default bodies of
 //! [`ModelConsumer::get_queryset`] and [`ModelConsumer::filter_queryset`] record their
-//! consumer type when they run, and an override can never run them. A consumer type whose
-//! defaults have not been seen (an override, or simply its first request on this thread)
-//! builds its query the long way, exactly as before.
+//! consumer type when they run ([`default_hooks`]). A consumer type whose defaults have not
+//! been seen (an override, or simply its first request on this thread) builds its query the
+//! long way, exactly as before.
 
 use std::any::TypeId;
 use std::cell::RefCell;
@@ -20,12 +20,12 @@ use std::sync::Arc;
 use sea_orm::{DbBackend, QuerySelect, QueryTrait, Select, Statement, Value};
 
 use super::ModelConsumer;
+use super::default_hooks::{self, Hook};
+
+/// The hooks whose defaults make a consumer's point read the same SQL on every request.
+pub(crate) const QUERYSET_HOOKS: [Hook; 2] = [Hook::GetQueryset, Hook::FilterQueryset];
 
 thread_local! {
-    /// Consumer types seen running the default `get_queryset`.
-    static DEFAULT_GET_QUERYSET: RefCell<Vec<TypeId>> = const { RefCell::new(Vec::new()) };
-    /// Consumer types seen running the default `filter_queryset`.
-    static DEFAULT_FILTER_QUERYSET: RefCell<Vec<TypeId>> = const { RefCell::new(Vec::new()) };
     /// This thread's rendered point reads (a handful: one per consumer type and backend).
     static POINT_READS: RefCell<Vec<(Key, Arc<PointRead>)>> = const { RefCell::new(Vec::new()) };
 }
@@ -61,30 +61,6 @@ impl PointRead {
     }
 }
 
-/// Records that consumer type `C` runs the default `get_queryset`.
-pub(crate) fn saw_default_get_queryset<C: 'static>() {
-    record(&DEFAULT_GET_QUERYSET, TypeId::of::<C>());
-}
-
-/// Records that consumer type `C` runs the default `filter_queryset`.
-pub(crate) fn saw_default_filter_queryset<C: 'static>() {
-    record(&DEFAULT_FILTER_QUERYSET, TypeId::of::<C>());
-}
-
-fn record(set: &'static std::thread::LocalKey<RefCell<Vec<TypeId>>>, id: TypeId) {
-    set.with(|set| {
-        if let Ok(mut set) = set.try_borrow_mut()
-            && !set.contains(&id)
-        {
-            set.push(id);
-        }
-    });
-}
-
-fn seen(set: &'static std::thread::LocalKey<RefCell<Vec<TypeId>>>, id: TypeId) -> bool {
-    set.with(|set| set.try_borrow().is_ok_and(|set| set.contains(&id)))
-}
-
 /// The rendered point read of consumer `C` by its lookup `field` on `backend`, if there is
 /// one. Without it the caller builds the query and offers it to [`remember`].
 pub(crate) fn cached<C: ModelConsumer>(
@@ -116,8 +92,7 @@ pub(crate) fn remember<C: ModelConsumer>(
     query: &Select<C::Entity>,
     value: &Value,
 ) {
-    let consumer = TypeId::of::<C>();
-    if !seen(&DEFAULT_GET_QUERYSET, consumer) || !seen(&DEFAULT_FILTER_QUERYSET, consumer) {
+    if !default_hooks::kept::<C>(&QUERYSET_HOOKS) {
         return;
     }
     let limited = query.clone().limit(1).build(backend);
@@ -130,7 +105,7 @@ pub(crate) fn remember<C: ModelConsumer>(
         .filter(|s| s.values.as_ref().is_some_and(|v| v.0.len() == 1))
         .map(|s| s.sql);
     let key = Key {
-        consumer,
+        consumer: TypeId::of::<C>(),
         field,
         backend,
     };
@@ -224,8 +199,8 @@ mod tests {
         let backend = c.db.backend();
         let value = Value::Int(Some(7));
         assert!(offer::<Renders>("pk", item::Column::Id, &value, backend).is_none());
-        saw_default_get_queryset::<Renders>();
-        saw_default_filter_queryset::<Renders>();
+        default_hooks::saw::<Renders>(Hook::GetQueryset);
+        default_hooks::saw::<Renders>(Hook::FilterQueryset);
         let read = offer::<Renders>("pk", item::Column::Id, &value, backend).unwrap();
         let query = item::Entity::find().filter(item::Column::Id.eq(7));
         assert_eq!(
@@ -259,12 +234,12 @@ mod tests {
         let c = Waits { db: db().await };
         let backend = c.db.backend();
         let value = Value::Int(Some(1));
-        saw_default_get_queryset::<Waits>();
+        default_hooks::saw::<Waits>(Hook::GetQueryset);
         assert!(offer::<Waits>("pk", item::Column::Id, &value, backend).is_none());
         // Another consumer type's defaults say nothing about this one.
-        saw_default_filter_queryset::<Renders>();
+        default_hooks::saw::<Renders>(Hook::FilterQueryset);
         assert!(offer::<Waits>("pk", item::Column::Id, &value, backend).is_none());
-        saw_default_filter_queryset::<Waits>();
+        default_hooks::saw::<Waits>(Hook::FilterQueryset);
         assert!(offer::<Waits>("pk", item::Column::Id, &value, backend).is_some());
     }
 }
