@@ -107,6 +107,27 @@ pub(crate) struct RowChange {
     pub(crate) change: Change,
 }
 
+#[cfg_attr(not(feature = "model"), allow(dead_code))]
+impl RowChange {
+    fn new(
+        row: u64,
+        table: &'static str,
+        kind: ChangeKind,
+        old: Option<Object>,
+        new: Option<Object>,
+    ) -> Self {
+        RowChange {
+            row,
+            change: Change {
+                table,
+                kind,
+                old,
+                new,
+            },
+        }
+    }
+}
+
 /// The hash of [`RowChange::row`].
 #[cfg_attr(not(feature = "model"), allow(dead_code))]
 fn row_hash(pk: &str) -> u64 {
@@ -148,28 +169,14 @@ impl ChangeSet {
                     (_, kind) => Some((kind, old, new)),
                 },
             };
-            self.changes[i] = merged.map(|(kind, old, new)| RowChange {
-                row,
-                change: Change {
-                    table,
-                    kind,
-                    old,
-                    new,
-                },
-            });
+            self.changes[i] =
+                merged.map(|(kind, old, new)| RowChange::new(row, table, kind, old, new));
             return;
         }
         let row = row_hash(&key.1);
         self.index.insert(key, self.changes.len());
-        self.changes.push(Some(RowChange {
-            row,
-            change: Change {
-                table,
-                kind,
-                old,
-                new,
-            },
-        }));
+        self.changes
+            .push(Some(RowChange::new(row, table, kind, old, new)));
     }
 
     /// The merged changes, in the order their objects were first changed.
