@@ -109,7 +109,8 @@ pub(crate) struct RowChange {
 
 #[cfg_attr(not(feature = "model"), allow(dead_code))]
 impl RowChange {
-    fn new(
+    /// The change of `table`'s row whose primary key hashes to `row`.
+    pub(crate) fn new(
         row: u64,
         table: &'static str,
         kind: ChangeKind,
@@ -148,8 +149,8 @@ impl ChangeSet {
         new: Option<Object>,
     ) {
         let table = key.0;
+        let row = row_hash(&key.1);
         if let Some(&i) = self.index.get(&key) {
-            let row = row_hash(&key.1);
             let merged = match self.changes[i].take().map(|c| c.change) {
                 None => Some((kind, old, new)),
                 Some(prev) => match (prev.kind, kind) {
@@ -173,7 +174,6 @@ impl ChangeSet {
                 merged.map(|(kind, old, new)| RowChange::new(row, table, kind, old, new));
             return;
         }
-        let row = row_hash(&key.1);
         self.index.insert(key, self.changes.len());
         self.changes
             .push(Some(RowChange::new(row, table, kind, old, new)));

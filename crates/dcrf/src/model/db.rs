@@ -847,17 +847,9 @@ pub(super) async fn publish_in_order(
     rows.sort_unstable();
     rows.dedup();
     let mut guards = Vec::with_capacity(rows.len());
-    let mut table: Option<(&'static str, Arc<TableOrder>)> = None;
-    for (name, stripe) in rows {
-        let order = match &table {
-            Some((t, order)) if *t == name => order.clone(),
-            _ => {
-                let order = db.order.table(name);
-                table = Some((name, order.clone()));
-                order
-            }
-        };
-        guards.push(order.rows[stripe].clone().lock_owned().await);
+    for (table, stripe) in rows {
+        let lock = db.order.table(table).rows[stripe].clone();
+        guards.push(lock.lock_owned().await);
     }
     let committed = commit.await;
     if committed.is_ok() {
@@ -907,18 +899,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
-    use crate::change::Change;
 
     fn change_of_row(row: u64) -> RowChange {
-        RowChange {
-            row,
-            change: Change {
-                table: "t",
-                kind: ChangeKind::Update,
-                old: None,
-                new: None,
-            },
-        }
+        RowChange::new(row, "t", ChangeKind::Update, None, None)
     }
 
     #[tokio::test]
