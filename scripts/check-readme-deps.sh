@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Checks that the README's "Use it in your crate" block is all a user needs: builds every
-# example of crates/dcrf/examples/ as a binary of a new crate, outside the workspace, whose
-# [dependencies] are exactly that ```toml block. dcrf is not published, so a [patch.crates-io]
-# section points dcrf and dcrf-macros at this checkout. The workspace's Cargo.lock is copied in,
-# so the versions are the ones tested here, and the target directory defaults to the
-# workspace's, so built dependencies are reused. Fails if any example does not compile.
+# Checks that the README's "Use it in your crate" block is all a user needs: type-checks
+# (`cargo check`, build scripts included) every example of crates/dcrf/examples/ as a binary of
+# a new crate, outside the workspace, whose [dependencies] are exactly that ```toml block. dcrf
+# is not published, so a [patch.crates-io] section points dcrf and dcrf-macros at this
+# checkout. The workspace's Cargo.lock is copied in, so the versions are the ones tested here,
+# and the target directory defaults to the workspace's, so checked dependencies are reused.
+# Fails if any example does not compile. The examples are built, run and tested with the
+# workspace (crates/dcrf/tests/examples.rs).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
@@ -45,7 +47,7 @@ cp "$root/Cargo.lock" "$crate/Cargo.lock"
 examples=("$root"/crates/dcrf/examples/*.rs)
 cp -p "${examples[@]}" "$crate/src/bin/"
 
-echo "check-readme-deps: building ${#examples[@]} examples with only the README's [dependencies]:"
+echo "check-readme-deps: checking ${#examples[@]} examples with only the README's [dependencies]:"
 printf '%s\n' "$deps" | sed 's/^/  /'
-(cd "$crate" && cargo build --bins)
+(cd "$crate" && cargo check --bins)
 echo "check-readme-deps: ok"

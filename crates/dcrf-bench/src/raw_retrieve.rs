@@ -14,7 +14,9 @@
 //! SQLite: rusqlite on a read-only connection per worker thread, with its prepared statement
 //! cached, queried inline on that thread (a point query on a cached page takes microseconds;
 //! handing it to another thread would cost more than the query). PostgreSQL: a sqlx pool, whose
-//! connections cache the prepared statement.
+//! connections cache the prepared statement, with the reads that arrive while others are on
+//! the wire batched into one `WHERE id = ANY($1)`, as dcrf does: a read that finds no
+//! statement running runs its own at once, the others queue for the next one.
 //!
 //! It answers `retrieve` with an integer `pk` only (as the bench sends); a frame that is not
 //! JSON or not a `retrieve` gets no reply, and a `pk` that is not an integer, the 404 frame.
@@ -22,7 +24,7 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -36,9 +38,15 @@ use serde_json::value::RawValue;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-/// The point query, the same on both databases but for the placeholder.
+/// The point query on SQLite.
 const SQLITE_QUERY: &str = "SELECT id, title, done, owner FROM todo WHERE id = ?1";
-const PG_QUERY: &str = "SELECT id, title, done, owner FROM todo WHERE id = $1";
+/// The point query on PostgreSQL, for any number of keys.
+const PG_BATCH_QUERY: &str = "SELECT id, title, done, owner FROM todo WHERE id = ANY($1)";
+
+/// The most batched statements running at once (a second one starts only when a full
+/// statement's worth is queued), and the most keys in one: as dcrf's batched point reads.
+const PG_MAX_IN_FLIGHT: usize = 4;
+const PG_MAX_KEYS: usize = 64;
 
 /// Connections of the PostgreSQL pool (a point query holds one for a round trip).
 const PG_POOL_SIZE: u32 = 16;
@@ -48,8 +56,118 @@ const PG_POOL_SIZE: u32 = 16;
 enum Backend {
     /// The SQLite file's path; each worker thread opens its own connection to it.
     Sqlite(Arc<str>),
-    /// A PostgreSQL pool.
-    Postgres(PgPool),
+    /// A PostgreSQL pool and its queue of reads.
+    Postgres(Arc<PgReads>),
+}
+
+/// A row of the demo's `todo` table.
+#[derive(Debug, Clone)]
+struct TodoRow {
+    id: i32,
+    title: String,
+    done: bool,
+    owner: String,
+}
+
+/// The PostgreSQL pool and the reads waiting for a statement.
+#[derive(Debug)]
+struct PgReads {
+    pool: PgPool,
+    state: Mutex<PgQueue>,
+}
+
+/// The queued reads, and how many statements are running.
+#[derive(Debug, Default)]
+struct PgQueue {
+    waiting: Vec<(i32, tokio::sync::oneshot::Sender<Option<TodoRow>>)>,
+    running: usize,
+}
+
+impl PgReads {
+    /// Row `pk`: read at once when no statement is running, else in the next statement,
+    /// shared with the reads queued meanwhile.
+    async fn read(self: &Arc<Self>, pk: i32) -> Option<TodoRow> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut queue = self.queue();
+            if queue.running == 0 {
+                queue.running = 1;
+                None
+            } else {
+                queue.waiting.push((pk, reply));
+                let start = queue.waiting.len() >= PG_MAX_KEYS && queue.running < PG_MAX_IN_FLIGHT;
+                queue.running += usize::from(start);
+                Some(start)
+            }
+        };
+        match start {
+            None => {
+                let row = self.select(&[pk]).await.into_iter().next();
+                self.hand_off();
+                row
+            }
+            Some(start) => {
+                if start {
+                    tokio::spawn(self.clone().run());
+                }
+                answer.await.ok().flatten()
+            }
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, PgQueue> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A statement is done: a runner takes over its slot if reads are queued.
+    fn hand_off(self: &Arc<Self>) {
+        let mut queue = self.queue();
+        if queue.waiting.is_empty() {
+            queue.running -= 1;
+        } else {
+            drop(queue);
+            tokio::spawn(self.clone().run());
+        }
+    }
+
+    /// Statements for what is queued, until the queue is empty.
+    async fn run(self: Arc<Self>) {
+        loop {
+            let batch: Vec<_> = {
+                let mut queue = self.queue();
+                let n = queue.waiting.len().min(PG_MAX_KEYS);
+                queue.waiting.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                self.hand_off();
+                return;
+            }
+            let keys: Vec<i32> = batch.iter().map(|(pk, _)| *pk).collect();
+            let rows = self.select(&keys).await;
+            for (pk, reply) in batch {
+                let _ = reply.send(rows.iter().find(|r| r.id == pk).cloned());
+            }
+        }
+    }
+
+    /// The rows of `keys`, in one statement (none if it failed).
+    async fn select(&self, keys: &[i32]) -> Vec<TodoRow> {
+        let rows = sqlx::query(PG_BATCH_QUERY)
+            .bind(keys)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default();
+        rows.iter()
+            .filter_map(|row| {
+                Some(TodoRow {
+                    id: row.try_get(0).ok()?,
+                    title: row.try_get(1).ok()?,
+                    done: row.try_get(2).ok()?,
+                    owner: row.try_get(3).ok()?,
+                })
+            })
+            .collect()
+    }
 }
 
 thread_local! {
@@ -83,12 +201,15 @@ async fn connect(url: &str) -> Result<Backend, String> {
             .connect(url)
             .await
             .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
-        sqlx::query(PG_QUERY)
-            .bind(0i32)
+        sqlx::query(PG_BATCH_QUERY)
+            .bind([0i32].as_slice())
             .fetch_optional(&pool)
             .await
             .map_err(|e| format!("cannot read the todo table: {e}"))?;
-        return Ok(Backend::Postgres(pool));
+        return Ok(Backend::Postgres(Arc::new(PgReads {
+            pool,
+            state: Mutex::default(),
+        })));
     }
     let path = sqlite_path(url)?;
     // Open once here so that a wrong path fails at start, not on the first request.
@@ -190,7 +311,7 @@ async fn reply(backend: &Backend, text: &str, buf: &mut String) -> bool {
     let found = match (pk, backend) {
         (None, _) => false,
         (Some(pk), Backend::Sqlite(path)) => sqlite_row(path, pk, buf),
-        (Some(pk), Backend::Postgres(pool)) => postgres_row(pool, pk, buf).await,
+        (Some(pk), Backend::Postgres(reads)) => postgres_row(reads, pk, buf).await,
     };
     if found {
         buf.push_str(r#","action":"retrieve","response_status":200,"request_id":"#);
@@ -245,23 +366,15 @@ fn sqlite_row(path: &str, pk: i64, buf: &mut String) -> bool {
 
 /// Appends row `pk` read from PostgreSQL to `buf`; `false` if there is none (or the query
 /// failed).
-async fn postgres_row(pool: &PgPool, pk: i64, buf: &mut String) -> bool {
+async fn postgres_row(reads: &Arc<PgReads>, pk: i64, buf: &mut String) -> bool {
     // The demo's `id` is an `integer` (int4): a larger pk matches nothing.
     let Ok(pk) = i32::try_from(pk) else {
         return false;
     };
-    let Ok(Some(row)) = sqlx::query(PG_QUERY).bind(pk).fetch_optional(pool).await else {
+    let Some(row) = reads.read(pk).await else {
         return false;
     };
-    let (Ok(id), Ok(title), Ok(done), Ok(owner)) = (
-        row.try_get::<i32, _>(0),
-        row.try_get::<&str, _>(1),
-        row.try_get::<bool, _>(2),
-        row.try_get::<&str, _>(3),
-    ) else {
-        return false;
-    };
-    write_row(buf, i64::from(id), title, done, owner);
+    write_row(buf, i64::from(row.id), &row.title, row.done, &row.owner);
     true
 }
 

@@ -252,6 +252,7 @@ dcrf::backend_tests!(
     object_permissions,
     actions_not_served_are_405,
     querysets_narrow_every_object_read,
+    concurrent_retrieves,
 );
 
 async fn generic_consumer(db: Db) {
@@ -1037,5 +1038,50 @@ async fn querysets_narrow_every_object_read(db: Db) {
                 .await,
             ok("retrieve", json!(round), 200, hidden_json.clone())
         );
+    }
+}
+
+/// Retrieves in flight at once from several connections, each sent before any reply is read
+/// (on PostgreSQL such reads share statements, see `model::point_batch`): every one is
+/// answered under its own request id with its own row, or 404, whatever shares its statement.
+async fn concurrent_retrieves(db: Db) {
+    let s = serve(&db).await;
+    let mut all = Vec::new();
+    for i in 0..12 {
+        all.push(add_user(&db, &format!("user{i}"), &format!("{i}@example.com")).await);
+    }
+    let missing = all.iter().map(|u| u.id).max().unwrap() + 1_000;
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..4 {
+        let mut c = connect(&s, "/users/").await;
+        let all = all.clone();
+        tasks.spawn(async move {
+            let mut expected = Vec::new();
+            for round in 0..3 {
+                for (i, u) in all.iter().enumerate() {
+                    let rid = json!(format!("{n}-{round}-{i}"));
+                    c.send_json(json!({"action": "retrieve", "pk": u.id, "request_id": rid}))
+                        .await;
+                    let data = json!({"email": u.email, "id": u.id, "username": u.username});
+                    expected.push(ok("retrieve", rid, 200, data));
+                }
+                let rid = json!(format!("{n}-{round}-missing"));
+                c.send_json(json!({"action": "retrieve", "pk": missing, "request_id": rid}))
+                    .await;
+                expected.push(err("retrieve", rid, 404, json!(["Not found"])));
+            }
+            let mut got = Vec::new();
+            for _ in 0..expected.len() {
+                got.push(c.receive_json().await);
+            }
+            let by_id = |v: &Value| v["request_id"].as_str().unwrap_or_default().to_owned();
+            got.sort_by_key(by_id);
+            expected.sort_by_key(by_id);
+            assert_eq!(got, expected);
+            c.close().await;
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
     }
 }

@@ -53,6 +53,9 @@ pub struct Db {
     /// Inline point reads, for a SQLite database file.
     #[cfg(feature = "sqlite")]
     sqlite_reads: Option<Arc<super::sqlite_reads::SqliteReads>>,
+    /// Batched point reads, for PostgreSQL.
+    #[cfg(feature = "postgres")]
+    point_batches: Option<Arc<super::point_batch::PointBatches>>,
 }
 
 /// Publishes each row's changes in commit order: a transaction with observed changes holds
@@ -287,6 +290,8 @@ impl Db {
     /// Wraps an existing sea-orm connection.
     pub fn from_connection(conn: DatabaseConnection, layer: ChannelLayer) -> Db {
         let group = (conn.get_database_backend() == DbBackend::Sqlite).then(Arc::default);
+        #[cfg(feature = "postgres")]
+        let point_batches = (conn.get_database_backend() == DbBackend::Postgres).then(Arc::default);
         Db {
             group,
             conn,
@@ -295,6 +300,8 @@ impl Db {
             order: Arc::default(),
             #[cfg(feature = "sqlite")]
             sqlite_reads: None,
+            #[cfg(feature = "postgres")]
+            point_batches,
         }
     }
 
@@ -344,16 +351,19 @@ impl Db {
         Ok(query.limit(1).one(&self.conn).await?)
     }
 
-    /// A point read rendered once ([`super::point_read`]) with `value` looked up: inline on a
-    /// SQLite file as [`read_one`](Self::read_one) runs it, else its `LIMIT 1` statement
-    /// through sea-orm.
+    /// A point read rendered once ([`super::point_read`]) with `value` of `column` looked
+    /// up: inline on a SQLite file as [`read_one`](Self::read_one) runs it; on PostgreSQL
+    /// batched with the reads of the same table running meanwhile, when `column` is the
+    /// primary key ([`super::point_batch`]); else its `LIMIT 1` statement through sea-orm.
     pub(super) async fn read_point<E>(
         &self,
         read: &super::point_read::PointRead,
+        column: E::Column,
         value: sea_orm::Value,
     ) -> Result<Option<E::Model>, Error>
     where
         E: EntityTrait,
+        E::Model: Sync,
         E::ActiveModel: sea_orm::TryIntoModel<E::Model>,
     {
         #[cfg(feature = "sqlite")]
@@ -362,6 +372,14 @@ impl Db {
         {
             return Ok(found);
         }
+        #[cfg(feature = "postgres")]
+        if let Some(batches) = &self.point_batches
+            && let Some(found) = batches.read::<E>(&self.conn, column, value.clone()).await
+        {
+            return Ok(found);
+        }
+        #[cfg(not(feature = "postgres"))]
+        let _ = column;
         Ok(E::find()
             .from_raw_sql(read.limited_with(value))
             .one(&self.conn)

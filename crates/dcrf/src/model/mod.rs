@@ -70,6 +70,8 @@ mod group_commit;
 mod live;
 mod lookup;
 mod pagination;
+#[cfg(feature = "postgres")]
+mod point_batch;
 mod point_read;
 #[cfg(feature = "sqlite")]
 mod sqlite_reads;
@@ -506,7 +508,7 @@ async fn read_object<C: ModelConsumer>(
     let (field, column, value) = lookup(c, frame)?;
     let db = c.db();
     let found = match point_read::cached::<C>(field, db.backend()) {
-        Some(read) => db.read_point::<C::Entity>(&read, value).await?,
+        Some(read) => db.read_point::<C::Entity>(&read, column, value).await?,
         None => {
             let query = queryset_lookup(c, ctx, frame, column, value.clone())?;
             point_read::remember::<C>(field, db.backend(), &query, &value);

@@ -122,14 +122,15 @@ pub(crate) fn remember<C: ModelConsumer>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use sea_orm::entity::prelude::*;
     use serde::Deserialize;
 
     use super::*;
     use crate::model::Db;
 
-    mod item {
+    /// A table of the unit tests of `model`.
+    pub(in crate::model) mod item {
         use sea_orm::entity::prelude::*;
 
         #[derive(
