@@ -374,7 +374,9 @@ impl Db {
         }
         #[cfg(feature = "postgres")]
         if let Some(batches) = &self.point_batches
-            && let Some(found) = batches.read::<E>(&self.conn, column, value.clone()).await
+            && let Some(found) = batches
+                .read::<E>(&self.conn, column, value.clone(), |v| read.limited_with(v))
+                .await
         {
             return Ok(found);
         }
