@@ -35,9 +35,6 @@ export RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="$PWD/target"
 unset CARGO_PROFILE_DEV_DEBUG CARGO_PROFILE_TEST_DEBUG
 opts=(-s none --debug-assertions)
-# Optimized a little (cargo-fuzz builds the release profile): opt-level 1 builds much faster
-# than 3 on two cores, and a bounded run still executes thousands of inputs per second.
-export CARGO_PROFILE_RELEASE_OPT_LEVEL="${CARGO_PROFILE_RELEASE_OPT_LEVEL:-1}"
 
 start=$(date +%s)
 cargo fuzz build "${opts[@]}"
