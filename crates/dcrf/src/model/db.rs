@@ -390,12 +390,15 @@ impl Db {
 
     /// The number of rows `query` selects, as [`PaginatorTrait::count`](sea_orm::PaginatorTrait::count)
     /// on [`conn`](Self::conn) counts them; inline on a SQLite file, like
-    /// [`read_one`](Self::read_one).
-    pub async fn count<E>(&self, query: sea_orm::Select<E>) -> Result<u64, Error>
+    /// [`read_one`](Self::read_one). The query's ordering is left out (it changes no count):
+    /// SQLite does not flatten an ordered subquery under `COUNT(*)`, and so would read every
+    /// column of every row instead of counting them.
+    pub async fn count<E>(&self, mut query: sea_orm::Select<E>) -> Result<u64, Error>
     where
         E: EntityTrait,
         E::Model: Sync,
     {
+        sea_orm::QueryTrait::query(&mut query).clear_order_by();
         #[cfg(feature = "sqlite")]
         if let Some(reads) = &self.sqlite_reads {
             let statement = sea_orm::QueryTrait::build(&query, DbBackend::Sqlite);

@@ -545,7 +545,11 @@ mod tests {
                 .unwrap(),
             5
         );
-        assert_eq!(db.count(filtered).await.unwrap(), 5);
+        assert_eq!(db.count(filtered.clone()).await.unwrap(), 5);
+        // Ordered, limited: the ordering changes no count, the limit does.
+        let ordered = filtered.order_by_desc(sample::Column::Id);
+        assert_eq!(db.count(ordered.clone()).await.unwrap(), 5);
+        assert_eq!(db.count(ordered.limit(3)).await.unwrap(), 3);
         crate::testing::drop_test_db(db).await;
     }
 
