@@ -902,8 +902,12 @@ async fn read_loop<S: Session>(
     tokio::pin!(shutting_down, kick, catch_up_due, stuck);
     // The signals are polled only after one of them woke the task (see `WakeGate`), and the
     // inbox only when it holds something: while it is empty, the waker of its last `Pending`
-    // stays registered with the channel. The socket is polled every time.
+    // stays registered with the channel. The socket is polled every time until the first
+    // event arrives; from then on it has a gate of its own, so that a push does not also try
+    // to read a frame from a socket that did not wake the task (a connection that only sends
+    // never makes the gate).
     let signals = WakeGate::new();
+    let mut socket: Option<WakeGate> = None;
     let mut due = Due::default();
     loop {
         // In this order: the signals, the queued events, a catch-up, the socket.
@@ -946,15 +950,33 @@ async fn read_loop<S: Session>(
                     return Poll::Ready(Ok(Work::CatchUp));
                 }
             }
-            stream
-                .poll_next_unpin(cx)
-                .map(|message| Ok(Work::Frame(message)))
+            let frame = match &socket {
+                None => stream.poll_next_unpin(cx),
+                Some(gate) => {
+                    if gate.open(cx) {
+                        due.socket = true;
+                    }
+                    if !std::mem::take(&mut due.socket) {
+                        return Poll::Pending;
+                    }
+                    let waker = gate.waker();
+                    let frame = stream.poll_next_unpin(&mut Context::from_waker(&waker));
+                    // Ready: the socket may hold more frames already read, so it stays due
+                    // until it answers `Pending`.
+                    due.socket = frame.is_ready();
+                    frame
+                }
+            };
+            frame.map(|message| Ok(Work::Frame(message)))
         })
         .await;
         let work = match work {
             Ok(work) => work,
             Err(close) => return Some(close),
         };
+        if matches!(work, Work::Event(..)) && socket.is_none() {
+            socket = Some(WakeGate::new());
+        }
         if let Work::Frame(message) = &work {
             guard.seen();
             if let Some(Ok(Message::Text(_) | Message::Binary(_))) = message {
@@ -978,8 +1000,12 @@ async fn read_loop<S: Session>(
         };
         let mut step = std::pin::pin!(step);
         // A connection stuck on a client that does not read is let go when the layer kicks it,
-        // or once it has been behind for its slow-client timeout.
+        // or once it has been behind for its slow-client timeout. A step that finishes at once
+        // (most do: the reply or push fits the socket) leaves the signals to the next wait.
         let end = std::future::poll_fn(|cx| {
+            if let Poll::Ready(end) = step.as_mut().poll(cx) {
+                return Poll::Ready(end);
+            }
             due.open(&signals, cx);
             if std::mem::take(&mut due.stepping) {
                 let waker = signals.waker();
@@ -993,7 +1019,7 @@ async fn read_loop<S: Session>(
                     return Poll::Ready(Some(Some(end)));
                 }
             }
-            step.as_mut().poll(cx)
+            Poll::Pending
         })
         .await;
         if let Some(close) = end {
@@ -1003,13 +1029,15 @@ async fn read_loop<S: Session>(
 }
 
 /// What the read loop has left to poll: the signals of the wait for work (shutdown, kick,
-/// end), the catch-up signal, the signals watched while a step runs (kick, stuck, end), and
-/// the inbox (after an event: there may be more).
+/// end), the catch-up signal, the signals watched while a step runs (kick, stuck, end), the
+/// inbox (after an event: there may be more) and, once it has a gate, the socket (after a
+/// frame, or after it woke the task).
 struct Due {
     waiting: bool,
     catch_up: bool,
     stepping: bool,
     inbox: bool,
+    socket: bool,
 }
 
 impl Default for Due {
@@ -1019,6 +1047,7 @@ impl Default for Due {
             catch_up: true,
             stepping: true,
             inbox: true,
+            socket: true,
         }
     }
 }

@@ -8,6 +8,10 @@
 //! waker, which marks the gate before it wakes the task. The task asks [`WakeGate::open`]
 //! before polling them and skips them while the gate is closed: none of their wakers fired
 //! since they last returned `Pending`, so by the `Future` contract they would again.
+//!
+//! The read loop keeps a second gate for its socket once the socket has had an event: a
+//! subscriber's task is woken by pushes far more often than by frames, and without the gate
+//! every push also tried to read a frame.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

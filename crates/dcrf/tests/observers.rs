@@ -401,6 +401,7 @@ dcrf::backend_tests!(
     instance_observer_has_a_stable_name,
     instance_push_without_its_object_is_not_sent,
     update_of_a_row_changed_meanwhile,
+    pushes_and_frames_interleave_on_one_socket,
 );
 
 async fn observer_model_instance_mixin(db: Db) {
@@ -1207,4 +1208,64 @@ async fn update_of_a_row_changed_meanwhile(db: Db) {
         0,
         "every round's user was removed"
     );
+}
+
+/// A subscriber's socket, once it has had pushes (from then on the reader polls the socket only
+/// after it signalled), still reads every frame and notices its close: pushes and replies
+/// interleave on one socket, each once, and the group is left when the socket closes.
+async fn pushes_and_frames_interleave_on_one_socket(db: Db) {
+    let (s, _) = serve(&db).await;
+    let u1 = create_user(&db, "test1").await;
+    let mut c = connect(&s, "/users/").await;
+    let mut w = connect(&s, "/users/").await;
+    assert_eq!(
+        c.request(json!({"action": "subscribe_instance", "pk": u1.id, "request_id": 1}))
+            .await,
+        frame("subscribe_instance", json!(1), 201, Value::Null)
+    );
+    let named = |name: &str| json!({"id": u1.id, "username": name, "email": u1.email});
+    let rename = |name: &str, rid: i64| json!({"action": "update_username", "pk": u1.id, "username": name, "request_id": rid});
+    for i in 0..20 {
+        let name = format!("name{i}");
+        assert_eq!(
+            w.request(rename(&name, i)).await,
+            frame("update_username", json!(i), 200, json!({"pk": u1.id}))
+        );
+        assert_eq!(
+            c.receive_json().await,
+            frame("update", json!(1), 200, named(&name))
+        );
+        assert_eq!(
+            c.request(json!({"action": "retrieve", "pk": u1.id, "request_id": 100 + i}))
+                .await,
+            frame("retrieve", json!(100 + i), 200, named(&name))
+        );
+    }
+    // A request sent before the push is read: the push and the reply both arrive, once each.
+    w.request(rename("last", 50)).await;
+    c.send_json(json!({"action": "retrieve", "pk": u1.id, "request_id": 999}))
+        .await;
+    let mut got = vec![c.receive_json().await, c.receive_json().await];
+    got.sort_by_key(|f| f["action"].as_str().map(str::to_owned));
+    assert_eq!(
+        got,
+        vec![
+            frame("retrieve", json!(999), 200, named("last")),
+            frame("update", json!(1), 200, named("last")),
+        ]
+    );
+    c.receive_nothing().await;
+    let hub = db.layer().hub().clone();
+    assert_eq!(hub.groups().len(), 1, "the subscriber is in its group");
+    c.close().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !hub.groups().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed subscriber is still in {:?}",
+            hub.groups()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    w.receive_nothing().await;
 }

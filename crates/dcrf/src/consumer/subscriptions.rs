@@ -269,7 +269,10 @@ pub struct Joined {
 /// the connection has delivered up to.
 #[derive(Debug, Default)]
 pub(crate) struct Subscriptions {
-    groups: Mutex<HashMap<Arc<str>, Subscription>>,
+    /// Looked up for every event the connection receives: hashed with foldhash rather than
+    /// SipHash (a group's name is a few dozen bytes, and the map is the connection's own,
+    /// capped by its budget).
+    groups: Mutex<HashMap<Arc<str>, Subscription, foldhash::fast::RandomState>>,
     /// The socket's subscription cap, shared by every stream of a multiplexed socket.
     budget: Arc<SubscriptionBudget>,
 }
