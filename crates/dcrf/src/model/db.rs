@@ -77,6 +77,14 @@ struct CommitOrder {
 /// 1 in this many; a transaction that shares one waits for the other's publish.
 const ROW_STRIPES: usize = 256;
 
+/// A pooled connection idle for at least this long is pinged before it is handed out; one in
+/// use more recently is not. sqlx's default pings on every checkout, a round trip to the
+/// database (to PostgreSQL's backend, or to SQLite's connection thread) before each statement
+/// or transaction, whatever just happened on that connection. Connections that sit idle are
+/// the ones a restart, a proxy or a firewall may have dropped; one that failed while in use is
+/// closed when it is given back (sqlx tests every connection it takes back).
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 /// The publish-order locks of one table.
 struct TableOrder {
     /// The table's lock across nodes, with its dedicated PostgreSQL connection once opened.
@@ -210,7 +218,10 @@ impl DbOptions {
     }
 
     /// Connects. SQLite files get WAL journaling and a 5 s busy timeout; an in-memory SQLite
-    /// database uses a single connection, so every query sees the same database.
+    /// database uses a single connection, so every query sees the same database. A pooled
+    /// connection is pinged before it is handed out only when it has been idle for a second
+    /// or more (sqlx would ping on every checkout); `configure(|o| { o.test_before_acquire(true); })`
+    /// pings on every checkout again.
     pub async fn connect(self) -> Result<Db, Error> {
         let DbOptions {
             url,
@@ -219,7 +230,8 @@ impl DbOptions {
             hooks,
         } = self;
         let mut opts = ConnectOptions::new(url.clone());
-        opts.sqlx_logging(false);
+        opts.sqlx_logging(false)
+            .test_before_acquire_if_idle_for(PING_AFTER_IDLE);
         if url.starts_with("sqlite:") {
             if url.contains(":memory:") || url.contains("mode=memory") {
                 opts.max_connections(1).min_connections(1);
@@ -980,5 +992,78 @@ mod tests {
             "the second commit of the row ran before the first was published"
         );
         assert!(second_committed.load(Ordering::SeqCst));
+    }
+}
+
+#[cfg(all(test, feature = "postgres"))]
+mod postgres_pool_tests {
+    use super::*;
+
+    /// The pid of the PostgreSQL backend serving `db`'s (one) pooled connection.
+    async fn backend_pid(db: &Db) -> Result<i32, DbErr> {
+        let row = db
+            .conn()
+            .query_one_raw(sea_orm::Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT pg_backend_pid() AS pid",
+            ))
+            .await?
+            .expect("a row");
+        row.try_get::<i32>("", "pid")
+    }
+
+    /// Terminates backend `pid` once `db`'s connection is back in its pool (sqlx tests a
+    /// connection it takes back, and a backend killed during that test is simply replaced).
+    async fn terminate(db: &Db, admin: &Db, pid: i32) {
+        let pool = db.conn().get_postgres_connection_pool();
+        while pool.num_idle() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        admin
+            .conn()
+            .execute_raw(sea_orm::Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_terminate_backend($1)",
+                [pid.into()],
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// A pooled connection is pinged before use only after a second idle: one the server
+    /// dropped while it sat idle is replaced unseen; one dropped just after use fails the next
+    /// statement, and the pool then replaces it.
+    #[tokio::test]
+    async fn postgres_pool_pings_connections_that_sat_idle() {
+        let url = std::env::var("DATABASE_URL")
+            .expect("DATABASE_URL must name a PostgreSQL server for the postgres tests");
+        let db = Db::options(&url)
+            .configure(|o| {
+                o.max_connections(1).min_connections(0);
+            })
+            .connect()
+            .await
+            .unwrap();
+        let admin = Db::connect(&url).await.unwrap();
+        let pool = db.conn().get_postgres_connection_pool();
+        assert!(!pool.options().get_test_before_acquire());
+
+        let first = backend_pid(&db).await.unwrap();
+        terminate(&db, &admin, first).await;
+        tokio::time::sleep(PING_AFTER_IDLE + Duration::from_millis(300)).await;
+        let second = backend_pid(&db)
+            .await
+            .expect("the idle connection was replaced");
+        assert_ne!(first, second);
+
+        terminate(&db, &admin, second).await;
+        assert!(
+            backend_pid(&db).await.is_err(),
+            "a connection used a moment ago is not pinged"
+        );
+        let third = backend_pid(&db)
+            .await
+            .expect("the broken connection was replaced");
+        assert_ne!(third, second);
     }
 }
