@@ -1016,7 +1016,12 @@ mod postgres_pool_tests {
     /// connection it takes back, and a backend killed during that test is simply replaced).
     async fn terminate(db: &Db, admin: &Db, pid: i32) {
         let pool = db.conn().get_postgres_connection_pool();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while pool.num_idle() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the connection never went back to the pool"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         admin
